@@ -1,0 +1,1 @@
+"""The thin HTTP ingest API. It never imports torch or unstructured."""

@@ -1,0 +1,30 @@
+"""The FastAPI application (OpenAPI at /docs)."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from api import errors
+from api.routes import answers, documents, jobs
+from sluice import __version__
+from sluice.logs import configure_logging
+
+
+def create_app() -> FastAPI:
+    configure_logging()
+    app = FastAPI(
+        title="Sluice",
+        version=__version__,
+        description="Upload documents, ask questions: a job system that never loses a job.",
+    )
+    errors.install(app)
+    app.include_router(documents.router)
+    app.include_router(jobs.router)
+    app.include_router(answers.router)
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        """Alive."""
+        return {"status": "ok"}
+
+    return app

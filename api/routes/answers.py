@@ -1,0 +1,81 @@
+"""Questions: answered by a job on the `answer` queue; search: synchronous retrieval."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response
+from fastapi.concurrency import run_in_threadpool
+
+from api.deps import SessionDep, WorkspaceDep, ensure_workspace
+from api.routes.jobs import job_out
+from api.schemas import AnswerRequest, JobAccepted, JobOut, SearchHit, SearchRequest, SearchResults
+from api.state import publish_job, query_encoder
+from models import Job, JobKind, Stage, ledger
+from models.entities import FINAL_STATES
+from sluice.db import session_scope
+from sluice.retrieve import hybrid_search
+from sluice.settings import get_settings
+
+router = APIRouter(prefix="/v1", tags=["answers"])
+
+POLL_S = 0.05
+
+
+@router.post("/answers", status_code=202, response_model=JobAccepted | JobOut,
+             responses={200: {"model": JobOut}})
+async def ask(
+    body: AnswerRequest,
+    workspace: WorkspaceDep,
+    response: Response,
+    wait: Annotated[float, Query(ge=0, le=120, description="Seconds to wait for the answer")] = 0,
+) -> JobAccepted | JobOut:
+    """Ask a question over the workspace's documents. Returns `202 {"job_id"}`; with
+    `?wait=SECONDS` it waits up to that long and returns the finished job (`200`), whose
+    `result` holds `{"answer", "citations": [...], "answered"}`."""
+    job_id = await run_in_threadpool(_create_answer_job, workspace, body)
+    await run_in_threadpool(publish_job, job_id, Stage.ANSWER)
+    response.headers["Location"] = f"/v1/jobs/{job_id}"
+    if wait > 0:
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            finished = await run_in_threadpool(_finished_job, job_id)
+            if finished is not None:
+                response.status_code = 200
+                return finished
+            await asyncio.sleep(POLL_S)
+    return JobAccepted(job_id=job_id)
+
+
+def _create_answer_job(workspace: str, body: AnswerRequest) -> str:
+    with session_scope() as session:
+        ensure_workspace(session, workspace)
+        job = ledger.create_job(session, workspace_id=workspace, kind=JobKind.ANSWER,
+                                stage=Stage.ANSWER,
+                                payload={"question": body.question, "top_k": body.top_k})
+        return job.id
+
+
+def _finished_job(job_id: str) -> JobOut | None:
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        if job is not None and job.state in FINAL_STATES:
+            return job_out(job)
+    return None
+
+
+@router.post("/search", response_model=SearchResults, tags=["search"])
+def search(body: SearchRequest, session: SessionDep, workspace: WorkspaceDep) -> SearchResults:
+    """Ranked passages of the workspace's ready documents (dense + full-text, fused)."""
+    encoder = query_encoder()
+    passages = hybrid_search(
+        session, workspace_id=workspace, query=body.query, encode_query=encoder.encode_one,
+        top_k=body.top_k, candidates=get_settings().search_candidates, mode=body.mode,
+    )
+    return SearchResults(
+        query=body.query,
+        results=[SearchHit(chunk_id=p.chunk_id, document_id=p.document_id, filename=p.filename,
+                           page=p.page, text=p.text, score=p.score) for p in passages],
+    )

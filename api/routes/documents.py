@@ -1,0 +1,158 @@
+"""Documents: upload (streamed to the blob store while hashing), list, read, delete."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request, Response, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import func, select
+
+from api.deps import SessionDep, WorkspaceDep, ensure_workspace
+from api.errors import ApiError, not_found
+from api.schemas import DocumentList, DocumentOut, ErrorBody, ErrorInfo, UploadAccepted
+from api.state import blob_store, publish_job
+from models import Document, Job, JobKind, Stage, ledger
+from sluice.blobs import CHUNK_BYTES, BlobTooLarge, StoredBlob
+from sluice.db import session_scope
+from sluice.settings import get_settings
+
+router = APIRouter(prefix="/v1/documents", tags=["documents"])
+
+FILENAME_MAX = 255
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=UploadAccepted,
+    responses={200: {"model": UploadAccepted}, 413: {"model": ErrorBody},
+               422: {"model": ErrorBody}},
+)
+async def upload_document(
+    file: UploadFile,
+    workspace: WorkspaceDep,
+    response: Response,
+    force: Annotated[bool, Query(description="Ingest again even if identical bytes exist")] = False,
+) -> UploadAccepted:
+    """Upload one document. Its bytes are streamed to the blob store while hashing; a job is
+    recorded in the same transaction as the document and published after commit.
+
+    Identical bytes already in the workspace return the existing document with `200` and
+    `"duplicate": true`, unless `force=true`."""
+    settings = get_settings()
+
+    async def chunks() -> Any:
+        while data := await file.read(CHUNK_BYTES):
+            yield data
+
+    try:
+        blob = await blob_store().store_stream(workspace, chunks(),
+                                               max_bytes=settings.max_upload_bytes)
+    except BlobTooLarge as exc:
+        raise ApiError(413, "too_large", str(exc)) from exc
+    filename = _clean_filename(file.filename)
+    accepted = await run_in_threadpool(
+        _record_upload, workspace=workspace, blob=blob, filename=filename,
+        content_type=file.content_type, force=force,
+    )
+    if accepted.duplicate:
+        response.status_code = 200
+    else:
+        await run_in_threadpool(publish_job, accepted.job_id, Stage.PARSE)
+    response.headers["Location"] = f"/v1/jobs/{accepted.job_id}"
+    return accepted
+
+
+def _record_upload(
+    *, workspace: str, blob: StoredBlob, filename: str, content_type: str | None, force: bool
+) -> UploadAccepted:
+    with session_scope() as session:
+        ensure_workspace(session, workspace)
+        if not force:
+            existing = session.execute(
+                select(Document.id, Job.id)
+                .join(Job, Job.document_id == Document.id)
+                .where(Document.workspace_id == workspace, Document.sha256 == blob.sha256,
+                       Job.kind == JobKind.INGEST)
+                .order_by(Job.created_at.desc())
+                .limit(1)
+            ).first()
+            if existing is not None:
+                return UploadAccepted(document_id=existing[0], job_id=existing[1], duplicate=True)
+        doc = Document(workspace_id=workspace, filename=filename, content_type=content_type,
+                       sha256=blob.sha256, size_bytes=blob.size)
+        session.add(doc)
+        session.flush()
+        job = ledger.create_job(session, workspace_id=workspace, kind=JobKind.INGEST,
+                                stage=Stage.PARSE, document_id=doc.id)
+        return UploadAccepted(document_id=doc.id, job_id=job.id)
+
+
+def _clean_filename(name: str | None) -> str:
+    base = (name or "upload").replace("\\", "/").rsplit("/", 1)[-1]
+    base = "".join(ch for ch in base if ch.isprintable()).strip() or "upload"
+    return base[:FILENAME_MAX]
+
+
+@router.get("", response_model=DocumentList)
+def list_documents(
+    session: SessionDep,
+    workspace: WorkspaceDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    status: str | None = None,
+) -> DocumentList:
+    """The workspace's documents, newest first."""
+    where = [Document.workspace_id == workspace]
+    if status is not None:
+        where.append(Document.status == status)
+    total = session.scalar(select(func.count()).select_from(Document).where(*where)) or 0
+    docs = session.scalars(
+        select(Document).where(*where).order_by(Document.created_at.desc(), Document.id)
+        .limit(limit).offset(offset)
+    ).all()
+    return DocumentList(documents=[_document_out(session, d) for d in docs], total=total,
+                        limit=limit, offset=offset)
+
+
+@router.get("/{document_id}", response_model=DocumentOut, responses={404: {"model": ErrorBody}})
+def get_document(document_id: str, session: SessionDep, workspace: WorkspaceDep) -> DocumentOut:
+    return _document_out(session, _owned_document(session, workspace, document_id))
+
+
+@router.delete("/{document_id}", status_code=204, responses={404: {"model": ErrorBody}})
+def delete_document(document_id: str, workspace: WorkspaceDep) -> Response:
+    """Delete a document with its chunks and vectors; an ingest still running is cancelled."""
+    with session_scope() as session:
+        doc = _owned_document(session, workspace, document_id)
+        sha = doc.sha256
+        for job_id in session.scalars(select(Job.id).where(Job.document_id == document_id)):
+            ledger.cancel(session, job_id=job_id)
+        session.delete(doc)
+        session.flush()
+        still_used = session.scalar(
+            select(func.count()).select_from(Document)
+            .where(Document.workspace_id == workspace, Document.sha256 == sha)
+        )
+    if not still_used:
+        blob_store().delete(workspace, sha)
+    return Response(status_code=204)
+
+
+def _owned_document(session: SessionDep, workspace: str, document_id: str) -> Document:
+    doc = session.get(Document, document_id)
+    if doc is None or doc.workspace_id != workspace:
+        raise not_found("document", document_id)
+    return doc
+
+
+def _document_out(session: SessionDep, doc: Document) -> DocumentOut:
+    job_id = session.scalar(
+        select(Job.id).where(Job.document_id == doc.id).order_by(Job.created_at.desc()).limit(1)
+    )
+    out = DocumentOut.model_validate(doc)
+    out.job_id = job_id
+    if doc.error_code:
+        out.error = ErrorInfo(code=doc.error_code, message=doc.error_message or "")
+    return out

@@ -1,0 +1,36 @@
+"""Process-wide collaborators of the API, created on first use."""
+
+from __future__ import annotations
+
+import threading
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+from sluice.blobs import BlobStore
+from sluice.settings import get_settings
+
+if TYPE_CHECKING:
+    from pipelines.query_encoder import NumpyQueryEncoder
+
+_lock = threading.Lock()
+
+
+@lru_cache(maxsize=1)
+def blob_store() -> BlobStore:
+    return BlobStore(get_settings().resolved_blob_dir)
+
+
+@lru_cache(maxsize=1)
+def query_encoder() -> NumpyQueryEncoder:
+    """The query side of the embedding model, in numpy: the API never imports torch."""
+    from pipelines.embedding import default_model_path
+    from pipelines.query_encoder import NumpyQueryEncoder
+
+    with _lock:
+        return NumpyQueryEncoder(get_settings().embedding_model_path or default_model_path())
+
+
+def publish_job(job_id: str, stage: str) -> bool:
+    from tasks.publish import publish
+
+    return publish(job_id, stage)

@@ -1,0 +1,71 @@
+"""Content-addressed blob store on a local (or shared, mounted) directory.
+
+Uploads are streamed to a temporary file in bounded chunks while hashing, then renamed into
+place under `<workspace>/<sha256[:2]>/<sha256>`: never held whole in memory, never visible
+half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+CHUNK_BYTES = 1024 * 1024
+_WORKSPACE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class BlobTooLarge(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"upload exceeds the {limit} byte limit")
+        self.limit = limit
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBlob:
+    sha256: str
+    size: int
+    path: Path
+
+
+class BlobStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path_for(self, workspace_id: str, sha256: str) -> Path:
+        if not _WORKSPACE_RE.match(workspace_id) or not re.fullmatch(r"[0-9a-f]{64}", sha256):
+            raise ValueError("invalid blob key")
+        return self.root / workspace_id / sha256[:2] / sha256
+
+    async def store_stream(
+        self, workspace_id: str, chunks: AsyncIterator[bytes], *, max_bytes: int
+    ) -> StoredBlob:
+        """Stream `chunks` to disk while hashing; raise BlobTooLarge past `max_bytes`."""
+        incoming = self.root / ".incoming"
+        incoming.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        size = 0
+        fd, tmp_name = tempfile.mkstemp(dir=incoming)
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                async for chunk in chunks:
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise BlobTooLarge(max_bytes)
+                    digest.update(chunk)
+                    out.write(chunk)
+            sha = digest.hexdigest()
+            final = self.path_for(workspace_id, sha)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, final)
+            return StoredBlob(sha256=sha, size=size, path=final)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def delete(self, workspace_id: str, sha256: str) -> None:
+        self.path_for(workspace_id, sha256).unlink(missing_ok=True)

@@ -1,0 +1,233 @@
+"""`sluice`: run the embedded stack, workers, and talk to the API."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import httpx
+
+DEFAULT_API = "http://127.0.0.1:8000"
+INGESTABLE_SKIP = {".DS_Store"}
+
+
+@click.group()
+@click.version_option(package_name="sluice")
+def main() -> None:
+    """Sluice: upload documents, ask questions; a job system that never loses a job."""
+
+
+def _set_data_dir(data_dir: Path | None) -> None:
+    if data_dir is not None:
+        # Children and this process's settings both read it from the environment.
+        os.environ["SLUICE_DATA_DIR"] = str(data_dir.resolve())
+        from sluice.settings import get_settings
+
+        get_settings.cache_clear()
+
+
+@main.command()
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None)
+def migrate(data_dir: Path | None) -> None:
+    """Upgrade the database to the newest schema."""
+    _set_data_dir(data_dir)
+    from sluice import migrate as migrations
+    from sluice.db import get_engine
+
+    migrations.upgrade(get_engine())
+    click.echo(f"database at revision {migrations.head_revision()}")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+              help="Where the embedded database, broker and blobs live [default: ./.sluice]")
+def up(host: str, port: int, data_dir: Path | None) -> None:
+    """Run everything on one machine: API, a worker for every queue, and beat."""
+    _set_data_dir(data_dir)
+    from sluice import migrate as migrations
+    from sluice import processes
+    from sluice.db import dispose_engine, get_engine
+    from sluice.logs import configure_logging
+    from sluice.settings import get_settings
+
+    configure_logging()
+    settings = get_settings()
+    settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
+    migrations.upgrade(get_engine())
+    dispose_engine()
+    children = [processes.Child("api", processes.api_command(host, port))]
+    children += [
+        processes.Child(f"worker-{q}", processes.worker_command(q))
+        for q in ("parse", "embed", "answer", "maintenance")
+    ]
+    children.append(processes.Child(
+        "beat", processes.beat_command(str(settings.resolved_data_dir / "beat-schedule"))))
+    env = processes.child_env({"SLUICE_DATA_DIR": str(settings.resolved_data_dir)})
+    click.echo(f"Sluice on http://{host}:{port} (docs: /docs), data in {settings.resolved_data_dir}")
+    sys.exit(processes.Supervisor(children, env=env).run())
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("-Q", "--queue", "queue", required=True,
+              type=click.Choice(["parse", "embed", "answer", "maintenance"]))
+@click.pass_context
+def worker(ctx: click.Context, queue: str) -> None:
+    """Run a Celery worker for one queue with its pool (extra args go to `celery worker`)."""
+    from sluice import processes
+
+    argv = processes.worker_command(queue, extra=ctx.args)
+    os.execv(argv[0], argv)
+
+
+@main.command()
+@click.option("--schedule", default=None, help="beat's schedule file")
+def beat(schedule: str | None) -> None:
+    """Run Celery beat (exactly one per deployment)."""
+    from sluice import processes
+    from sluice.settings import get_settings
+
+    path = schedule or str(get_settings().resolved_data_dir / "beat-schedule")
+    argv = processes.beat_command(path)
+    os.execv(argv[0], argv)
+
+
+def _client(api: str, workspace: str) -> httpx.Client:
+    return httpx.Client(base_url=api, headers={"X-Workspace": workspace}, timeout=120)
+
+
+def _files(paths: tuple[Path, ...]) -> list[Path]:
+    found: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file()
+                            and p.name not in INGESTABLE_SKIP and not p.name.startswith("."))
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise click.BadParameter(f"{path} does not exist")
+    return found
+
+
+FINAL = {"succeeded", "failed", "dead", "cancelled"}
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--wait", is_flag=True, help="Wait until every document is processed.")
+@click.option("--force", is_flag=True, help="Ingest again even if identical bytes exist.")
+@click.option("--api", default=DEFAULT_API, show_default=True)
+@click.option("--workspace", default="default", show_default=True)
+def ingest(paths: tuple[Path, ...], wait: bool, force: bool, api: str, workspace: str) -> None:
+    """Upload files and directories."""
+    files = _files(paths)
+    jobs: dict[str, Path] = {}
+    with _client(api, workspace) as client:
+        with click.progressbar(files, label="uploading", file=sys.stderr) as bar:
+            for path in bar:
+                with path.open("rb") as fh:
+                    resp = client.post("/v1/documents", params={"force": force},
+                                       files={"file": (path.name, fh)})
+                if resp.status_code >= 400:
+                    click.echo(f"\n{path}: {_error_text(resp)}", err=True)
+                    continue
+                jobs[resp.json()["job_id"]] = path
+        if not wait:
+            for job_id, path in jobs.items():
+                click.echo(f"{job_id}  {path}")
+            return
+        states = _wait_for(client, list(jobs))
+    failed = 0
+    for job_id, path in jobs.items():
+        job = states[job_id]
+        error = job.get("error") or {}
+        detail = f"  {error.get('code')}: {error.get('message')}" if error else ""
+        failed += job["state"] != "succeeded"
+        click.echo(f"{job['state']:<10} {path}{detail}")
+    sys.exit(1 if failed else 0)
+
+
+def _wait_for(client: httpx.Client, job_ids: list[str]) -> dict[str, dict[str, Any]]:
+    states: dict[str, dict[str, Any]] = {}
+    with click.progressbar(length=len(job_ids), label="processing", file=sys.stderr) as bar:
+        pending = list(job_ids)
+        while pending:
+            still = []
+            for job_id in pending:
+                job = client.get(f"/v1/jobs/{job_id}").json()
+                states[job_id] = job
+                if job["state"] in FINAL:
+                    bar.update(1)
+                else:
+                    still.append(job_id)
+            pending = still
+            if pending:
+                time.sleep(0.5)
+    return states
+
+
+def _error_text(resp: httpx.Response) -> str:
+    try:
+        error = resp.json()["error"]
+        return f"{resp.status_code} {error['code']}: {error['message']}"
+    except (ValueError, KeyError, TypeError):
+        return f"{resp.status_code} {resp.text[:200]}"
+
+
+@main.command()
+@click.argument("question")
+@click.option("--top-k", default=5, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the whole job as JSON.")
+@click.option("--api", default=DEFAULT_API, show_default=True)
+@click.option("--workspace", default="default", show_default=True)
+def ask(question: str, top_k: int, as_json: bool, api: str, workspace: str) -> None:
+    """Ask a question; prints the answer with its citations."""
+    with _client(api, workspace) as client:
+        resp = client.post("/v1/answers", params={"wait": 60},
+                           json={"question": question, "top_k": top_k})
+        if resp.status_code >= 400:
+            raise click.ClickException(_error_text(resp))
+        job = resp.json()
+        if "state" not in job:
+            job = _wait_for(client, [job["job_id"]])[job["job_id"]]
+    if as_json:
+        click.echo(json.dumps(job, indent=2))
+        return
+    if job["state"] != "succeeded":
+        raise click.ClickException(f"answer job {job['id']} {job['state']}: {job.get('error')}")
+    result = job["result"]
+    click.echo(result["answer"])
+    for i, cite in enumerate(result["citations"], 1):
+        page = f", page {cite['page']}" if cite.get("page") else ""
+        click.echo(f"  [{i}] {cite['filename']}{page} (score {cite['score']:.2f})")
+
+
+@main.command()
+@click.argument("job_id", required=False)
+@click.option("--state", default=None)
+@click.option("--api", default=DEFAULT_API, show_default=True)
+@click.option("--workspace", default="default", show_default=True)
+def jobs(job_id: str | None, state: str | None, api: str, workspace: str) -> None:
+    """Show one job, or list recent jobs."""
+    with _client(api, workspace) as client:
+        if job_id:
+            resp = client.get(f"/v1/jobs/{job_id}")
+            if resp.status_code >= 400:
+                raise click.ClickException(_error_text(resp))
+            click.echo(json.dumps(resp.json(), indent=2))
+            return
+        params = {"state": state} if state else {}
+        for job in client.get("/v1/jobs", params=params).json():
+            error = (job.get("error") or {}).get("code") or ""
+            click.echo(f"{job['id']}  {job['kind']:<7} {job['state']:<10} {job['stage']:<7} "
+                       f"attempts={job['attempts']} {error}")
+
+
+if __name__ == "__main__":
+    main()

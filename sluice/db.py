@@ -1,0 +1,100 @@
+"""Database engine and sessions for SQLite (embedded) and PostgreSQL (production).
+
+One engine per process, created lazily; `dispose_engine()` after a fork so a child never
+shares its parent's connections.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+from sluice.settings import get_settings
+
+_engine: Engine | None = None
+_sessionmaker: sessionmaker[Session] | None = None
+
+
+def is_sqlite(url: str) -> bool:
+    return url.startswith("sqlite")
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for `url`. SQLite gets the sqlite-vec extension, WAL and BEGIN IMMEDIATE."""
+    if not is_sqlite(url):
+        return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+    import pysqlite3.dbapi2 as sqlite3  # built-in sqlite3 here cannot load extensions
+    import sqlite_vec
+
+    engine = create_engine(
+        url,
+        module=sqlite3,
+        connect_args={"timeout": 60, "check_same_thread": False},
+        pool_pre_ping=False,
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Let SQLAlchemy, not the driver, open transactions (see "begin" below).
+        dbapi_conn.isolation_level = None
+        dbapi_conn.enable_load_extension(True)
+        sqlite_vec.load(dbapi_conn)
+        dbapi_conn.enable_load_extension(False)
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=60000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        # Take the write lock up front: a deferred transaction that reads, then writes,
+        # fails with SQLITE_BUSY instead of waiting when another process wrote meanwhile.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def get_engine() -> Engine:
+    global _engine, _sessionmaker
+    if _engine is None:
+        settings = get_settings()
+        url = settings.resolved_database_url
+        if is_sqlite(url):
+            settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
+        _engine = make_engine(url)
+        _sessionmaker = sessionmaker(_engine, expire_on_commit=False)
+    return _engine
+
+
+def dispose_engine(*, after_fork: bool = False) -> None:
+    """Forget this process's engine: after a fork (leaving the parent's connections alone),
+    or when settings change in tests."""
+    global _engine, _sessionmaker
+    if _engine is not None:
+        _engine.dispose(close=not after_fork)
+    _engine = None
+    _sessionmaker = None
+
+
+def new_session() -> Session:
+    get_engine()
+    assert _sessionmaker is not None
+    return _sessionmaker()
+
+
+@contextmanager
+def session_scope() -> Iterator[Session]:
+    """A short transaction: commit on success, roll back on error."""
+    session = new_session()
+    try:
+        with session.begin():
+            yield session
+    finally:
+        session.close()

@@ -1,0 +1,1 @@
+"""Thin Celery tasks: load by id, call a pipeline, persist, hand off."""

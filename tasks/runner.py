@@ -1,0 +1,198 @@
+"""The shell every stage runs in: claim → heartbeat → work → record the outcome → hand off.
+
+The retry policy lives here, once, keyed on the exception type: `PermanentError` fails the job
+at once with its code; anything else (connection errors, timeouts, unexpected bugs) is retried
+with backoff up to the queue's limit and then dead-lettered with every attempt kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+
+from models import Job, JobState, ledger
+from models.entities import utcnow
+from pipelines.errors import PermanentError, PipelineError
+from sluice.db import session_scope
+from sluice.settings import get_settings
+from tasks.publish import publish
+
+log = logging.getLogger(__name__)
+
+
+class JobCancelled(Exception):
+    """Raised at a checkpoint when the job was cancelled while running."""
+
+
+class ClaimLost(Exception):
+    """Raised at a checkpoint when another delivery took the job over: stop, touch nothing."""
+
+
+@dataclass
+class Handoff:
+    """What to publish after the final transaction commits."""
+
+    stage: str | None = None
+
+
+@dataclass
+class StageContext:
+    claim: ledger.Claim
+    workspace_id: str
+    document_id: str | None
+    payload: dict[str, Any]
+    _heartbeat: _Heartbeat = field(repr=False)
+
+    def checkpoint(self, progress: float | None = None) -> None:
+        """Stop here if the job was cancelled or taken over; record progress."""
+        if progress is not None:
+            self._heartbeat.progress = progress
+        if self._heartbeat.lost.is_set():
+            self._heartbeat.raise_why()
+
+    def finish(self, persist: Callable[[Session], bool], *, then: str | None = None) -> Handoff:
+        """Run `persist` (which writes results and makes the ledger transition) in one short
+        transaction; `then` is the stage to publish after commit."""
+        with session_scope() as session:
+            if not persist(session):
+                raise ClaimLost(self.claim.job_id)
+        return Handoff(stage=then)
+
+
+class _Heartbeat(threading.Thread):
+    """Refreshes the job's heartbeat from its own thread, independent of the work, so a busy
+    job is never mistaken for a dead one."""
+
+    def __init__(self, claim: ledger.Claim, interval_s: float) -> None:
+        super().__init__(name=f"heartbeat-{claim.job_id[:8]}", daemon=True)
+        self.claim = claim
+        self.interval_s = interval_s
+        self.progress: float | None = None
+        self.stop_event = threading.Event()
+        self.lost = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.interval_s):
+            try:
+                with session_scope() as session:
+                    held = ledger.heartbeat(session, self.claim, progress=self.progress)
+            except DBAPIError as exc:  # the database is away; keep trying, the work goes on
+                log.warning("heartbeat for job %s failed: %s", self.claim.job_id, exc)
+                continue
+            if not held:
+                self.lost.set()
+                return
+
+    def raise_why(self) -> None:
+        with session_scope() as session:
+            job = session.get(Job, self.claim.job_id)
+            if job is not None and job.cancel_requested:
+                raise JobCancelled(self.claim.job_id)
+        raise ClaimLost(self.claim.job_id)
+
+
+def classify(exc: BaseException) -> tuple[bool, str]:
+    """(permanent?, error code) for an exception raised by a stage."""
+    if isinstance(exc, PermanentError):
+        return True, exc.code
+    if isinstance(exc, SoftTimeLimitExceeded):
+        return False, "timeout"
+    if isinstance(exc, PipelineError):
+        return False, exc.code
+    if isinstance(exc, DBAPIError):
+        return False, "database_unavailable"
+    if isinstance(exc, (ConnectionError, TimeoutError, OSError)):
+        return False, "connection_error"
+    return False, "unexpected_error"
+
+
+def run_stage(
+    *,
+    job_id: str,
+    stage: str,
+    queue: str,
+    work: Callable[[StageContext], Handoff],
+    on_final_failure: Callable[[Session, StageContext, str, str], None] | None = None,
+    on_cancel: Callable[[Session, StageContext], None] | None = None,
+) -> str:
+    """Run one delivery of `stage` for job `job_id`; returns what happened (for logs/tests)."""
+    settings = get_settings()
+    worker = socket.gethostname()
+    stale_before = utcnow() - timedelta(seconds=settings.heartbeat_stale_s)
+    with session_scope() as session:
+        claim = ledger.start(session, job_id=job_id, stage=stage, worker=worker,
+                             stale_before=stale_before)
+        job = session.get(Job, job_id) if claim else None
+        snapshot = (job.workspace_id, job.document_id, dict(job.payload)) if job else None
+    if claim is None or snapshot is None:
+        log.info("job %s: %s delivery ignored (not startable: duplicate, late or cancelled)",
+                 job_id, stage)
+        return "ignored"
+
+    heartbeat = _Heartbeat(claim, settings.heartbeat_interval_s)
+    ctx = StageContext(claim=claim, workspace_id=snapshot[0], document_id=snapshot[1],
+                       payload=snapshot[2], _heartbeat=heartbeat)
+    heartbeat.start()
+    try:
+        handoff = work(ctx)
+    except ClaimLost:
+        log.warning("job %s: claim on %s attempt %d lost; abandoning", job_id, stage, claim.attempt)
+        return "abandoned"
+    except JobCancelled:
+        with session_scope() as session:
+            if on_cancel is not None:
+                on_cancel(session, ctx)
+            ledger.acknowledge_cancel(session, claim)
+        log.info("job %s: cancelled during %s", job_id, stage)
+        return JobState.CANCELLED
+    except BaseException as exc:
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        return _record_failure(ctx, exc, queue=queue, on_final_failure=on_final_failure)
+    finally:
+        heartbeat.stop_event.set()
+    if handoff.stage is not None:
+        publish(job_id, handoff.stage)
+    return "handed-off" if handoff.stage else JobState.SUCCEEDED
+
+
+def _record_failure(
+    ctx: StageContext,
+    exc: BaseException,
+    *,
+    queue: str,
+    on_final_failure: Callable[[Session, StageContext, str, str], None] | None,
+) -> str:
+    permanent, code = classify(exc)
+    message = str(exc) or type(exc).__name__
+    tb = "".join(traceback.format_exception(exc))
+    claim = ctx.claim
+    policy = get_settings().retry_policy(queue)
+    delay = policy.delay_s(claim.attempt)
+    with session_scope() as session:
+        if permanent:
+            state: JobState | None = JobState.FAILED if ledger.fail(
+                session, claim, code=code, message=message, traceback=tb) else None
+        else:
+            state = ledger.retry_or_bury(session, claim, max_retries=policy.max_retries,
+                                         delay_s=delay, code=code, message=message, traceback=tb)
+        if state in (JobState.FAILED, JobState.DEAD) and on_final_failure is not None:
+            on_final_failure(session, ctx, code, message)
+    log.log(
+        logging.WARNING if state == JobState.RETRYING else logging.ERROR,
+        "job %s: %s attempt %d failed with %s (%s): %s",
+        claim.job_id, claim.stage, claim.attempt, code, state, message,
+    )
+    if state == JobState.RETRYING:
+        publish(claim.job_id, claim.stage, countdown=delay)
+    return str(state)

