@@ -116,6 +116,23 @@ def redis_url() -> str:
 
 
 @pytest.fixture
+def pg_env(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pg_url: str
+) -> Iterator[dict[str, str]]:
+    """PostgreSQL (pgvector) as the database, everything else embedded."""
+    env = {"SLUICE_DATA_DIR": str(tmp_path / "sluice"), "SLUICE_DATABASE_URL": pg_url}
+    yield from _setup(env, monkeypatch)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def any_db(request: pytest.FixtureRequest) -> dict[str, str]:
+    """Runs the test on SQLite and on PostgreSQL."""
+    env: dict[str, str] = request.getfixturevalue(
+        "sluice_env" if request.param == "sqlite" else "pg_env")
+    return env
+
+
+@pytest.fixture
 def production_env(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pg_url: str, redis_url: str
 ) -> Iterator[dict[str, str]]:
