@@ -28,12 +28,12 @@ def build(_settings: Settings) -> dict[str, Any]:
     broker_transport_options: dict[str, Any]
     if broker_url.startswith("filesystem"):
         _folder = _settings.broker_folder
-        for _sub in ("queue", "processed"):
+        for _sub in ("queue", "control"):
             (_folder / _sub).mkdir(parents=True, exist_ok=True)
         broker_transport_options = {
             "data_folder_in": str(_folder / "queue"),
             "data_folder_out": str(_folder / "queue"),
-            "processed_folder": str(_folder / "processed"),
+            "control_folder": str(_folder / "control"),
             "store_processed": False,
             "polling_interval": _settings.broker_polling_interval_s,
         }

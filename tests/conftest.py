@@ -60,11 +60,29 @@ def _apply_env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
 
 
 @pytest.fixture
-def sluice_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+def sluice_env(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, base_env: dict[str, str]
+) -> Iterator[dict[str, str]]:
     """An embedded setup (SQLite + filesystem broker + blob dir) in a fresh temp dir,
     migrated; returns the environment that subprocesses must get."""
-    env = {"SLUICE_DATA_DIR": str(tmp_path / "sluice")}
+    env = {**base_env, "SLUICE_DATA_DIR": str(tmp_path / "sluice")}
     yield from _setup(env, monkeypatch)
+
+
+@pytest.fixture(scope="session")
+def tagger_file(tmp_path_factory: pytest.TempPathFactory) -> Path | None:
+    """The POS tagger trained once per test session from the shared treebank."""
+    treebank = DATA / "nlp" / "ud-english-ewt"
+    if not treebank.is_dir():
+        return None
+    from pipelines.nlp.training import ensure_tagger
+
+    return ensure_tagger(treebank, tmp_path_factory.mktemp("nlp"))
+
+
+@pytest.fixture
+def base_env(tagger_file: Path | None) -> dict[str, str]:
+    return {"SLUICE_TAGGER_PATH": str(tagger_file)} if tagger_file else {}
 
 
 def _setup(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
@@ -117,10 +135,10 @@ def redis_url() -> str:
 
 @pytest.fixture
 def pg_env(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pg_url: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pg_url: str, base_env: dict[str, str]
 ) -> Iterator[dict[str, str]]:
     """PostgreSQL (pgvector) as the database, everything else embedded."""
-    env = {"SLUICE_DATA_DIR": str(tmp_path / "sluice"), "SLUICE_DATABASE_URL": pg_url}
+    env = {**base_env, "SLUICE_DATA_DIR": str(tmp_path / "sluice"), "SLUICE_DATABASE_URL": pg_url}
     yield from _setup(env, monkeypatch)
 
 
@@ -134,10 +152,15 @@ def any_db(request: pytest.FixtureRequest) -> dict[str, str]:
 
 @pytest.fixture
 def production_env(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pg_url: str, redis_url: str
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    pg_url: str,
+    redis_url: str,
+    base_env: dict[str, str],
 ) -> Iterator[dict[str, str]]:
     """PostgreSQL (pgvector) + Redis broker, isolated by database and broker key prefix."""
     env = {
+        **base_env,
         "SLUICE_DATA_DIR": str(tmp_path / "sluice"),
         "SLUICE_DATABASE_URL": pg_url,
         "SLUICE_BROKER_URL": redis_url,
