@@ -20,8 +20,12 @@ def dense_search(session: Session, *, workspace_id: str, vector: np.ndarray, lim
     """(chunk id, cosine similarity) best first."""
     query = np.asarray(vector, dtype=np.float32)
     if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SET LOCAL hnsw.iterative_scan = relaxed_order"))
-        session.execute(text("SET LOCAL hnsw.ef_search = :ef"), {"ef": max(40, limit * 2)})
+        # Transaction-local: iterative scans keep filtered HNSW searches from losing results.
+        session.execute(
+            text("SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true),"
+                 " set_config('hnsw.ef_search', :ef, true)"),
+            {"ef": str(max(40, min(1000, limit * 2)))},
+        )
         rows = session.execute(
             text(
                 """
