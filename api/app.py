@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from api import errors
-from api.routes import answers, documents, jobs
+from api.routes import answers, dead_letters, documents, jobs
 from sluice import __version__
 from sluice.logs import configure_logging
 
@@ -21,6 +21,7 @@ def create_app() -> FastAPI:
     app.include_router(documents.router)
     app.include_router(jobs.router)
     app.include_router(answers.router)
+    app.include_router(dead_letters.router)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:

@@ -229,5 +229,96 @@ def jobs(job_id: str | None, state: str | None, api: str, workspace: str) -> Non
                        f"attempts={job['attempts']} {error}")
 
 
+@main.group()
+def dlq() -> None:
+    """Dead letters: jobs whose retries ran out."""
+
+
+def _dlq_filters(queue: str | None, code: str | None, since: str | None) -> dict[str, str]:
+    params = {"queue": queue, "error_code": code, "since": since}
+    return {k: v for k, v in params.items() if v is not None}
+
+
+_filter_options = [
+    click.option("--queue", default=None, help="parse, embed, answer or maintenance"),
+    click.option("--code", default=None, help="error code"),
+    click.option("--since", default=None, help="ISO time"),
+    click.option("--api", default=DEFAULT_API, show_default=True),
+    click.option("--workspace", default="default", show_default=True),
+]
+
+
+def _with_filters(fn: Any) -> Any:
+    for option in reversed(_filter_options):
+        fn = option(fn)
+    return fn
+
+
+@dlq.command("list")
+@_with_filters
+def dlq_list(queue: str | None, code: str | None, since: str | None, api: str,
+             workspace: str) -> None:
+    """List dead jobs."""
+    with _client(api, workspace) as client:
+        resp = client.get("/v1/dead-letters", params=_dlq_filters(queue, code, since))
+        if resp.status_code >= 400:
+            raise click.ClickException(_error_text(resp))
+    for d in resp.json()["dead_letters"]:
+        click.echo(f"{d['id']}  {d['queue']:<11} {d['error']['code']:<22} attempts={d['attempts']}"
+                   f"  {d['finished_at']}  {d['error']['message'][:80]}")
+
+
+@dlq.command("show")
+@click.argument("job_id")
+@click.option("--api", default=DEFAULT_API, show_default=True)
+@click.option("--workspace", default="default", show_default=True)
+def dlq_show(job_id: str, api: str, workspace: str) -> None:
+    """One dead job with every attempt and traceback."""
+    with _client(api, workspace) as client:
+        resp = client.get(f"/v1/dead-letters/{job_id}")
+    if resp.status_code >= 400:
+        raise click.ClickException(_error_text(resp))
+    click.echo(json.dumps(resp.json(), indent=2))
+
+
+@dlq.command("replay")
+@click.argument("job_id", required=False)
+@_with_filters
+def dlq_replay(job_id: str | None, queue: str | None, code: str | None, since: str | None,
+               api: str, workspace: str) -> None:
+    """Replay one dead job, or every one matching the filters."""
+    with _client(api, workspace) as client:
+        if job_id:
+            resp = client.post(f"/v1/dead-letters/{job_id}/replay")
+        else:
+            resp = client.post("/v1/dead-letters/replay", params=_dlq_filters(queue, code, since))
+    if resp.status_code >= 400:
+        raise click.ClickException(_error_text(resp))
+    replayed = [job_id] if job_id else resp.json()["replayed"]
+    click.echo(f"replayed {len(replayed)} job(s)")
+
+
+@dlq.command("purge")
+@click.argument("job_id", required=False)
+@_with_filters
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def dlq_purge(job_id: str | None, queue: str | None, code: str | None, since: str | None,
+              api: str, workspace: str, yes: bool) -> None:
+    """Discard one dead job, or every one matching the filters."""
+    with _client(api, workspace) as client:
+        if job_id:
+            ids = [job_id]
+        else:
+            listed = client.get("/v1/dead-letters", params=_dlq_filters(queue, code, since))
+            ids = [d["id"] for d in listed.json()["dead_letters"]]
+        if not ids or not (yes or click.confirm(f"discard {len(ids)} dead job(s)?")):
+            return
+        for ident in ids:
+            resp = client.delete(f"/v1/dead-letters/{ident}")
+            if resp.status_code >= 400:
+                raise click.ClickException(_error_text(resp))
+    click.echo(f"discarded {len(ids)} job(s)")
+
+
 if __name__ == "__main__":
     main()

@@ -118,7 +118,8 @@ def _document_failed(session: Session, ctx: StageContext, code: str, message: st
 
 
 def _drop_chunks(session: Session, ctx: StageContext) -> None:
-    _document_failed(session, ctx, "cancelled", "ingest cancelled")
+    if ctx.document_id is not None:
+        documents.mark_cancelled(session, document_id=ctx.document_id)
 
 
 def _document_id(ctx: StageContext) -> str:
