@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from api import errors
+from api import errors, idempotency
 from api.routes import answers, dead_letters, documents, jobs
 from sluice import __version__
 from sluice.logs import configure_logging
@@ -18,6 +18,7 @@ def create_app() -> FastAPI:
         description="Upload documents, ask questions: a job system that never loses a job.",
     )
     errors.install(app)
+    idempotency.install(app)
     app.include_router(documents.router)
     app.include_router(jobs.router)
     app.include_router(answers.router)

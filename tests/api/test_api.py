@@ -189,3 +189,28 @@ def test_openapi_documents_every_route(client: TestClient) -> None:
                  "/v1/jobs/{job_id}/cancel", "/v1/answers", "/v1/search"):
         assert path in paths
     assert client.get("/docs").status_code == 200
+
+
+def test_idempotency_key_makes_a_post_safe_to_retry(client: TestClient) -> None:
+    headers = {"Idempotency-Key": "ask-1"}
+    first = client.post("/v1/answers", json={"question": "once?"}, headers=headers)
+    again = client.post("/v1/answers", json={"question": "once?"}, headers=headers)
+    assert first.status_code == again.status_code == 202
+    assert first.json() == again.json()
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.headers["location"] == first.headers["location"]
+    with session_scope() as session:
+        assert session.scalar(select(func.count()).select_from(Job)) == 1
+    # the same key for another request is refused; another workspace has its own keys
+    other = client.post("/v1/answers?wait=0", json={"question": "x"}, headers=headers)
+    assert other.status_code == 422
+    assert other.json()["error"]["code"] == "idempotency_key_reused"
+    elsewhere = client.post("/v1/answers", json={"question": "once?"},
+                            headers={**headers, "X-Workspace": "B"})
+    assert elsewhere.status_code == 202 and elsewhere.json() != first.json()
+
+    up1 = client.post("/v1/documents", files={"file": ("a.txt", b"one")},
+                      headers={"Idempotency-Key": "up-1"})
+    up2 = client.post("/v1/documents", files={"file": ("a.txt", b"one")},
+                      headers={"Idempotency-Key": "up-1"})
+    assert up1.status_code == up2.status_code == 202 and up1.json() == up2.json()
