@@ -252,16 +252,6 @@ def replay(session: Session, *, job_id: str) -> bool:
     )
 
 
-def recover_stale(
-    session: Session, *, job: Job, max_retries: int, code: str, message: str
-) -> JobState | None:
-    """The reconciler's transition for a running job whose heartbeat went stale."""
-    claim = Claim(job_id=job.id, stage=job.stage, attempt=job.attempt)
-    return retry_or_bury(
-        session, claim, max_retries=max_retries, delay_s=0, code=code, message=message
-    )
-
-
 def jobs_needing_publish(
     session: Session, *, queued_before: datetime, limit: int = 500
 ) -> list[Job]:

@@ -18,7 +18,7 @@ from workers.app import app
 
 @app.task(name=names.ANSWER_QUESTION, bind=True)
 def answer_question(self: object, job_id: str) -> str:
-    return run_stage(job_id=job_id, stage=Stage.ANSWER, queue=names.QUEUE_ANSWER, work=_answer)
+    return run_stage(job_id=job_id, stage=Stage.ANSWER, work=_answer)
 
 
 def _answer(ctx: StageContext) -> Handoff:

@@ -21,14 +21,12 @@ EMBED_BATCH_CHUNKS = 256  # chunks encoded between two checkpoints
 
 @app.task(name=names.PARSE_DOCUMENT, bind=True)
 def parse_document(self: object, job_id: str) -> str:
-    return run_stage(job_id=job_id, stage=Stage.PARSE, queue=names.QUEUE_PARSE, work=_parse,
-                     on_final_failure=_document_failed, on_cancel=_drop_chunks)
+    return run_stage(job_id=job_id, stage=Stage.PARSE, work=_parse, on_cancel=_drop_chunks)
 
 
 @app.task(name=names.EMBED_DOCUMENT, bind=True)
 def embed_document(self: object, job_id: str) -> str:
-    return run_stage(job_id=job_id, stage=Stage.EMBED, queue=names.QUEUE_EMBED, work=_embed,
-                     on_final_failure=_document_failed, on_cancel=_drop_chunks)
+    return run_stage(job_id=job_id, stage=Stage.EMBED, work=_embed, on_cancel=_drop_chunks)
 
 
 def _parse(ctx: StageContext) -> Handoff:
@@ -110,11 +108,6 @@ def _embed(ctx: StageContext) -> Handoff:
                                                           "chunks": len(rows)})
 
     return ctx.finish(persist)
-
-
-def _document_failed(session: Session, ctx: StageContext, code: str, message: str) -> None:
-    if ctx.document_id is not None:
-        documents.mark_failed(session, document_id=ctx.document_id, code=code, message=message)
 
 
 def _drop_chunks(session: Session, ctx: StageContext) -> None:

@@ -29,3 +29,4 @@ TASK_OF_STAGE = {
     "embed": EMBED_DOCUMENT,
     "answer": ANSWER_QUESTION,
 }
+STAGE_OF_TASK = {task: stage for stage, task in TASK_OF_STAGE.items()}

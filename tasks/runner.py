@@ -16,15 +16,17 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from celery.exceptions import SoftTimeLimitExceeded
+from billiard.exceptions import WorkerLostError
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from models import Job, JobState, ledger
+from models import Job, JobState, documents, ledger
 from models.entities import utcnow
 from pipelines.errors import PermanentError, PipelineError
 from sluice.db import session_scope
 from sluice.settings import get_settings
+from tasks.names import QUEUE_OF_TASK, TASK_OF_STAGE
 from tasks.publish import publish
 
 log = logging.getLogger(__name__)
@@ -102,27 +104,83 @@ class _Heartbeat(threading.Thread):
 
 
 def classify(exc: BaseException) -> tuple[bool, str]:
-    """(permanent?, error code) for an exception raised by a stage."""
+    """(permanent?, error code) for an exception raised by a stage. A soft time limit is
+    recognised even when a pipeline wrapped it in its own error."""
+    chain: BaseException | None = exc
+    while chain is not None:
+        if isinstance(chain, SoftTimeLimitExceeded | TimeLimitExceeded):
+            return False, "timeout"
+        chain = chain.__cause__ or chain.__context__
     if isinstance(exc, PermanentError):
         return True, exc.code
-    if isinstance(exc, SoftTimeLimitExceeded):
-        return False, "timeout"
     if isinstance(exc, PipelineError):
         return False, exc.code
+    if isinstance(exc, WorkerLostError):
+        return False, "worker_lost"
     if isinstance(exc, DBAPIError):
         return False, "database_unavailable"
-    if isinstance(exc, (ConnectionError, TimeoutError, OSError)):
+    if isinstance(exc, ConnectionError | TimeoutError | OSError):
         return False, "connection_error"
     return False, "unexpected_error"
+
+
+def queue_of_stage(stage: str) -> str:
+    return QUEUE_OF_TASK[TASK_OF_STAGE[stage]]
+
+
+def fail_attempt(
+    claim: ledger.Claim,
+    *,
+    document_id: str | None,
+    permanent: bool,
+    code: str,
+    message: str,
+    traceback: str | None = None,
+) -> JobState | None:
+    """Record a failed attempt: `failed` when permanent, else `retrying` (republished after a
+    backoff) while the queue's retries last, then `dead`. A document whose ingest ends here is
+    marked failed with the same code. None when the claim was no longer held."""
+    policy = get_settings().retry_policy(queue_of_stage(claim.stage))
+    delay = policy.delay_s(claim.attempt)
+    with session_scope() as session:
+        state: JobState | None
+        if permanent:
+            ok = ledger.fail(session, claim, code=code, message=message, traceback=traceback)
+            state = JobState.FAILED if ok else None
+        else:
+            state = ledger.retry_or_bury(session, claim, max_retries=policy.max_retries,
+                                         delay_s=delay, code=code, message=message,
+                                         traceback=traceback)
+        if state in (JobState.FAILED, JobState.DEAD) and document_id is not None:
+            documents.mark_failed(session, document_id=document_id, code=code, message=message)
+    log.log(
+        logging.WARNING if state == JobState.RETRYING else logging.ERROR,
+        "job %s: %s attempt %d failed with %s (%s): %s",
+        claim.job_id, claim.stage, claim.attempt, code, state, message,
+    )
+    if state == JobState.RETRYING:
+        publish(claim.job_id, claim.stage, countdown=delay)
+    return state
+
+
+def fail_running_attempt(job_id: str, *, stage: str, code: str, message: str) -> JobState | None:
+    """Fail the attempt a job is running now, from outside the process that ran it (its
+    worker was killed by a hard time limit, or its heartbeat went stale)."""
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.state != JobState.RUNNING or job.stage != stage:
+            return None
+        claim = ledger.Claim(job_id=job.id, stage=job.stage, attempt=job.attempt)
+        document_id = job.document_id
+    return fail_attempt(claim, document_id=document_id, permanent=False, code=code,
+                        message=message)
 
 
 def run_stage(
     *,
     job_id: str,
     stage: str,
-    queue: str,
     work: Callable[[StageContext], Handoff],
-    on_final_failure: Callable[[Session, StageContext, str, str], None] | None = None,
     on_cancel: Callable[[Session, StageContext], None] | None = None,
 ) -> str:
     """Run one delivery of `stage` for job `job_id`; returns what happened (for logs/tests)."""
@@ -156,43 +214,15 @@ def run_stage(
         log.info("job %s: cancelled during %s", job_id, stage)
         return JobState.CANCELLED
     except BaseException as exc:
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        if isinstance(exc, KeyboardInterrupt | SystemExit):
             raise
-        return _record_failure(ctx, exc, queue=queue, on_final_failure=on_final_failure)
+        permanent, code = classify(exc)
+        state = fail_attempt(claim, document_id=ctx.document_id, permanent=permanent, code=code,
+                             message=str(exc) or type(exc).__name__,
+                             traceback="".join(traceback.format_exception(exc)))
+        return str(state)
     finally:
         heartbeat.stop_event.set()
     if handoff.stage is not None:
         publish(job_id, handoff.stage)
     return "handed-off" if handoff.stage else JobState.SUCCEEDED
-
-
-def _record_failure(
-    ctx: StageContext,
-    exc: BaseException,
-    *,
-    queue: str,
-    on_final_failure: Callable[[Session, StageContext, str, str], None] | None,
-) -> str:
-    permanent, code = classify(exc)
-    message = str(exc) or type(exc).__name__
-    tb = "".join(traceback.format_exception(exc))
-    claim = ctx.claim
-    policy = get_settings().retry_policy(queue)
-    delay = policy.delay_s(claim.attempt)
-    with session_scope() as session:
-        if permanent:
-            state: JobState | None = JobState.FAILED if ledger.fail(
-                session, claim, code=code, message=message, traceback=tb) else None
-        else:
-            state = ledger.retry_or_bury(session, claim, max_retries=policy.max_retries,
-                                         delay_s=delay, code=code, message=message, traceback=tb)
-        if state in (JobState.FAILED, JobState.DEAD) and on_final_failure is not None:
-            on_final_failure(session, ctx, code, message)
-    log.log(
-        logging.WARNING if state == JobState.RETRYING else logging.ERROR,
-        "job %s: %s attempt %d failed with %s (%s): %s",
-        claim.job_id, claim.stage, claim.attempt, code, state, message,
-    )
-    if state == JobState.RETRYING:
-        publish(claim.job_id, claim.stage, countdown=delay)
-    return str(state)

@@ -121,6 +121,5 @@ def test_reconciler_queries(any_db: dict[str, str]) -> None:
     with session_scope() as session:
         stale = ledger.stale_running(session, stale_before=utcnow() + timedelta(seconds=1))
         assert [j.id for j in stale] == [job_id]
-        job = stale[0]
-        assert ledger.recover_stale(session, job=job, max_retries=3, code="worker_lost",
-                                    message="gone") == JobState.RETRYING
+        assert ledger.retry_or_bury(session, claim, max_retries=3, delay_s=0,
+                                    code="worker_lost", message="gone") == JobState.RETRYING
