@@ -69,6 +69,10 @@ def build(_settings: Settings) -> dict[str, Any]:
     worker_cancel_long_running_tasks_on_connection_loss = True
     worker_max_tasks_per_child = 200
     worker_hijack_root_logger = False
+    # Redeploys: SIGTERM (remapped to a cold shutdown, see sluice.processes) gives running
+    # tasks `worker_soft_shutdown_timeout` seconds, then stops them and requeues their messages.
+    worker_soft_shutdown_timeout = _settings.worker_soft_shutdown_s
+    worker_enable_soft_shutdown_on_idle = True
     worker_send_task_events = True
     task_send_sent_event = True
     worker_enable_remote_control = True

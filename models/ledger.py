@@ -206,6 +206,17 @@ def retry_or_bury(
     return state
 
 
+def release(session: Session, claim: Claim) -> bool:
+    """Give an interrupted attempt back (its worker is shutting down): queued again at the same
+    stage, so the requeued message can start at once instead of waiting for a stale heartbeat."""
+    ok = _cas(session, claim.job_id, _held(claim),
+              {"state": JobState.QUEUED, "published_at": utcnow()})
+    if ok:
+        _end_attempt(session, claim, outcome="interrupted", code="worker_shutdown",
+                     message="worker shut down during the attempt")
+    return ok
+
+
 def cancel(session: Session, *, job_id: str) -> JobState | None:
     """Cancel a job: at once when it has not started, at its next checkpoint when running.
     Returns the state after the request, None for an unknown job."""

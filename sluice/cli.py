@@ -62,7 +62,7 @@ def up(host: str, port: int, data_dir: Path | None) -> None:
     settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
     migrations.upgrade(get_engine())
     dispose_engine()
-    children = [processes.Child("api", processes.api_command(host, port))]
+    children = [processes.Child("api", processes.api_command(host, port), processes.API_ENV)]
     children += [
         processes.Child(f"worker-{q}", processes.worker_command(q))
         for q in ("parse", "embed", "answer", "maintenance")
@@ -83,6 +83,7 @@ def worker(ctx: click.Context, queue: str) -> None:
     from sluice import processes
 
     argv = processes.worker_command(queue, extra=ctx.args)
+    os.environ.update(processes.WORKER_ENV)
     os.execv(argv[0], argv)
 
 

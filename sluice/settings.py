@@ -30,7 +30,9 @@ class RetryPolicy(BaseSettings):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SLUICE_", env_nested_delimiter="__")
+    model_config = SettingsConfigDict(
+        env_prefix="SLUICE_", env_nested_delimiter="__", env_parse_none_str="none"
+    )
 
     data_dir: Path = Field(default=Path(".sluice"), description="Root of all embedded state.")
     database_url: str | None = Field(default=None, description="Default: SQLite in data_dir.")
@@ -76,17 +78,22 @@ class Settings(BaseSettings):
     heartbeat_stale_s: float = 60.0
     queued_republish_after_s: float = 300.0
     reconcile_interval_s: float = 30.0
+    worker_soft_shutdown_s: float = Field(
+        default=10.0, description="On SIGTERM, running tasks get this long to finish; then they "
+        "are stopped and their messages requeued (soft shutdown)."
+    )
     retry_parse: RetryPolicy = RetryPolicy(max_retries=3)
     retry_embed: RetryPolicy = RetryPolicy(max_retries=5)
     retry_answer: RetryPolicy = RetryPolicy(max_retries=2, backoff_base_s=1.0, backoff_cap_s=10.0)
     retry_maintenance: RetryPolicy = RetryPolicy(max_retries=1)
 
-    # Time limits (seconds); the broker visibility timeout is derived above the largest.
-    parse_soft_time_limit_s: int = 300
+    # Time limits (seconds); the broker visibility timeout is derived above the largest. A soft
+    # limit of `none` leaves only the hard limit (the child process is killed).
+    parse_soft_time_limit_s: int | None = 300
     parse_time_limit_s: int = 330
-    embed_soft_time_limit_s: int = 600
+    embed_soft_time_limit_s: int | None = 600
     embed_time_limit_s: int = 630
-    answer_soft_time_limit_s: int = 60
+    answer_soft_time_limit_s: int | None = 60
     answer_time_limit_s: int = 75
 
     log_level: str = "INFO"
@@ -97,7 +104,7 @@ class Settings(BaseSettings):
         for stage in ("parse", "embed", "answer"):
             soft = getattr(self, f"{stage}_soft_time_limit_s")
             hard = getattr(self, f"{stage}_time_limit_s")
-            if soft >= hard:
+            if soft is not None and soft >= hard:
                 raise ValueError(f"{stage}: soft time limit {soft}s must be below hard {hard}s")
         return self
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+from celery import Task
 from sqlalchemy.orm import Session
 
 from models import Stage, ledger
@@ -17,8 +18,8 @@ from workers.app import app
 
 
 @app.task(name=names.ANSWER_QUESTION, bind=True)
-def answer_question(self: object, job_id: str) -> str:
-    return run_stage(job_id=job_id, stage=Stage.ANSWER, work=_answer)
+def answer_question(self: Task, job_id: str) -> str:
+    return run_stage(job_id=job_id, stage=Stage.ANSWER, worker=self.request.hostname, work=_answer)
 
 
 def _answer(ctx: StageContext) -> Handoff:

@@ -182,10 +182,12 @@ def run_stage(
     stage: str,
     work: Callable[[StageContext], Handoff],
     on_cancel: Callable[[Session, StageContext], None] | None = None,
+    worker: str | None = None,
 ) -> str:
-    """Run one delivery of `stage` for job `job_id`; returns what happened (for logs/tests)."""
+    """Run one delivery of `stage` for job `job_id` on `worker` (the Celery node name);
+    returns what happened (for logs and tests)."""
     settings = get_settings()
-    worker = socket.gethostname()
+    worker = worker or socket.gethostname()
     stale_before = utcnow() - timedelta(seconds=settings.heartbeat_stale_s)
     with session_scope() as session:
         claim = ledger.start(session, job_id=job_id, stage=stage, worker=worker,
@@ -213,9 +215,13 @@ def run_stage(
             ledger.acknowledge_cancel(session, claim)
         log.info("job %s: cancelled during %s", job_id, stage)
         return JobState.CANCELLED
+    except (KeyboardInterrupt, SystemExit):
+        # The worker is stopping (cold shutdown after the soft-shutdown grace): hand the
+        # attempt back so the requeued message runs at once on another worker.
+        with session_scope() as session:
+            ledger.release(session, claim)
+        raise
     except BaseException as exc:
-        if isinstance(exc, KeyboardInterrupt | SystemExit):
-            raise
         permanent, code = classify(exc)
         state = fail_attempt(claim, document_id=ctx.document_id, permanent=permanent, code=code,
                              message=str(exc) or type(exc).__name__,

@@ -16,6 +16,9 @@ from pathlib import Path
 
 import pytest
 
+# One BLAS thread for the in-process numpy query encoder (see sluice.processes.API_ENV).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 from tests.stack import Stack, StackFactory
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from sluice.processes import api_command, worker_command
+from sluice.processes import API_ENV, api_command, beat_command, child_env, worker_command
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_QUEUES = "parse,embed,answer,maintenance"
@@ -36,13 +36,15 @@ class Stack:
         queues: str = ALL_QUEUES,
         concurrency: int = 2,
         api: bool = True,
+        beat: bool = False,
     ) -> None:
-        self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        self.env = {**child_env(env), "PYTHONUNBUFFERED": "1"}
         self.log_dir = log_dir
         self.workers = workers
         self.queues = queues
         self.concurrency = concurrency
         self.with_api = api
+        self.with_beat = beat
         self.port = free_port()
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -53,18 +55,23 @@ class Stack:
     def client(self, workspace: str = "default") -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"X-Workspace": workspace}, timeout=60)
 
-    def _spawn(self, name: str, argv: list[str]) -> None:
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        log = (self.log_dir / f"{name}.log").open("wb")
-        self.procs[name] = subprocess.Popen(argv, env=self.env, cwd=REPO, stdout=log,
-                                            stderr=subprocess.STDOUT)
+        log = (self.log_dir / f"{name}.log").open("ab")
+        self.procs[name] = subprocess.Popen(argv, env={**self.env, **(env or {})}, cwd=REPO,
+                                            stdout=log, stderr=subprocess.STDOUT)
 
     def start(self) -> None:
         if self.with_api:
-            self._spawn("api", api_command("127.0.0.1", self.port))
+            self._spawn("api", api_command("127.0.0.1", self.port), API_ENV)
         for i in range(self.workers):
             self.start_worker(f"worker{i}")
+        if self.with_beat:
+            self._spawn("beat", beat_command(str(self.log_dir / "beat-schedule")))
         self.wait_ready()
+
+    def worker_names(self) -> list[str]:
+        return [n for n in self.procs if n.startswith("worker")]
 
     def start_worker(self, name: str) -> None:
         argv = worker_command(self.queues, pool_args=False, extra=[
@@ -86,7 +93,7 @@ class Stack:
                             pending.discard(name)
                     except httpx.HTTPError:
                         pass
-                elif " ready." in self.log(name):
+                elif name == "beat" or " ready." in self.log(name):
                     pending.discard(name)
             time.sleep(0.2)
         if pending:
