@@ -1,0 +1,316 @@
+"""Parse one document into structural elements with unstructured, offline.
+
+The type is sniffed from the bytes (libmagic, then the file name's extension), never taken from
+the client's word. Failures become ``PermanentError`` subclasses with stable codes:
+
+====================== =======================================================================
+``unsupported_type``   a format we do not partition (images, audio, zip, JSON, .doc/.ppt, unknown)
+``empty_document``     an empty file, or a non-empty one that yields no text
+``corrupt_document``   the library fails on the file (any unexpected exception, message kept)
+``encrypted_document`` a password-protected PDF, Office file or e-mail
+====================== =======================================================================
+
+``MemoryError`` (and ``BaseException``s such as ``KeyboardInterrupt``) propagate unwrapped;
+so does an ``OSError`` from reading ``path`` itself, which is the blob store's fault, not the
+document's.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, Final
+
+from pipelines import nlp
+from pipelines.errors import (
+    CorruptDocument,
+    EmptyDocument,
+    EncryptedDocument,
+    PermanentError,
+    PipelineError,
+    UnsupportedType,
+)
+from pipelines.types import Element, ParsedDocument
+
+if TYPE_CHECKING:
+    from unstructured.documents.elements import Element as UnstructuredElement
+    from unstructured.file_utils.model import FileType
+
+PDF_STRATEGIES: Final = frozenset({"fast", "ocr_only", "hi_res", "auto"})
+
+# FileType member names we partition. .doc/.ppt need LibreOffice (`soffice`), which the
+# images do not carry (see docs/parsing.md); images and audio need models from the hub.
+SUPPORTED_TYPES: Final = frozenset(
+    {
+        "TXT", "MD", "HTML", "XML", "EML", "MSG", "DOCX", "PPTX", "XLSX", "XLS", "CSV", "TSV",
+        "PDF", "EPUB", "ODT", "RTF", "ORG", "RST",
+    }
+)
+_NEEDS_LIBREOFFICE: Final = frozenset({"DOC", "PPT"})
+# Raised by pdfminer / pypdf / msoffcrypto when a password is needed.
+_ENCRYPTION_ERRORS: Final = frozenset(
+    {"PDFPasswordIncorrect", "PDFEncryptionError", "FileEncryptedError"}
+)
+MAX_DETAIL_CHARS: Final = 1000
+
+# Element metadata worth keeping downstream; the rest (coordinates, file paths, detection
+# internals) is noise or not JSON-friendly.
+KEPT_METADATA: Final = (
+    "parent_id",
+    "category_depth",
+    "text_as_html",
+    "languages",
+    "page_name",
+    "link_urls",
+    "header_footer_type",
+    "sent_from",
+    "sent_to",
+    "subject",
+    "attached_to_filename",
+)
+
+
+def parse_document(
+    path: Path,
+    *,
+    filename: str,
+    content_type: str | None = None,
+    pdf_strategy: str = "fast",
+    languages: Sequence[str] | None = None,
+    tagger_path: Path | None = None,
+) -> ParsedDocument:
+    """Partition the file at ``path`` into elements.
+
+    ``filename`` is the client's name for it: its extension helps tell apart formats that
+    share a MIME type (Markdown, CSV, RST are all ``text/plain`` to libmagic). ``content_type``
+    (the client's claim) is only used when sniffing finds nothing. ``languages`` are ISO 639-3
+    codes passed to unstructured; ``None`` lets it decide. ``tagger_path`` is the weights file
+    of the part-of-speech tagger (``pipelines.nlp.ensure_tagger``); ``None`` uses the rule-based
+    fallback, which classifies elements less well (see docs/parsing.md).
+    """
+    if pdf_strategy not in PDF_STRATEGIES:
+        raise ValueError(f"pdf_strategy must be one of {sorted(PDF_STRATEGIES)}: {pdf_strategy!r}")
+    if path.stat().st_size == 0:
+        raise EmptyDocument(f"{filename}: the file is empty")
+    nlp.install(tagger_path)
+    with path.open("rb") as handle:
+        try:
+            return _parse(
+                handle,
+                filename=filename,
+                content_type=content_type,
+                pdf_strategy=pdf_strategy,
+                languages=languages,
+            )
+        except (PipelineError, MemoryError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - every library failure gets a stable code
+            raise _classify_failure(exc, filename=filename, path=path) from exc
+
+
+def warm_up(tagger_path: Path | None) -> None:
+    """Install the tagger and import unstructured's partitioners (several seconds, once per
+    process). Optional: the first ``parse_document`` does the same lazily. Call it after fork."""
+    nlp.install(tagger_path)
+    import unstructured.partition.auto  # noqa: F401
+    import unstructured.partition.pdf  # noqa: F401
+
+
+def _parse(
+    handle: IO[bytes],
+    *,
+    filename: str,
+    content_type: str | None,
+    pdf_strategy: str,
+    languages: Sequence[str] | None,
+) -> ParsedDocument:
+    from unstructured.partition.auto import partition
+
+    file_type = _sniff_type(handle, filename=filename, content_type=content_type)
+    _refuse_encrypted(handle, file_type, filename)
+    _refuse_unsupported(file_type, filename)
+    pdf = _probe_pdf(handle) if file_type.name == "PDF" else None
+    if pdf is not None and pdf.needs_password:
+        raise EncryptedDocument(f"{filename}: the PDF is encrypted and needs a password")
+    handle.seek(0)
+    raw = partition(
+        file=handle,
+        metadata_filename=filename,
+        content_type=file_type.mime_type,
+        strategy=pdf_strategy,
+        languages=list(languages) if languages is not None else None,
+    )
+    elements = convert_elements(raw)
+    if not elements:
+        # partition_pdf logs and swallows pdfminer's errors, so a broken PDF comes back empty.
+        if pdf is not None and pdf.error is not None:
+            raise CorruptDocument(f"{filename}: the PDF cannot be read ({pdf.error})")
+        raise EmptyDocument(_no_text_message(filename, file_type.name))
+    page_count = pdf.page_count if pdf is not None else None
+    if page_count is None:
+        pages = [e.page for e in elements if e.page is not None]
+        page_count = max(pages) if pages else None
+    return ParsedDocument(
+        elements=elements, content_type=file_type.mime_type, page_count=page_count
+    )
+
+
+def _sniff_type(handle: IO[bytes], *, filename: str, content_type: str | None) -> FileType:
+    from unstructured.file_utils.filetype import detect_filetype
+    from unstructured.file_utils.model import FileType
+
+    handle.seek(0)
+    file_type = detect_filetype(file=handle, metadata_file_path=filename)
+    if file_type is FileType.UNK and content_type:
+        claimed = FileType.from_mime_type(content_type.split(";")[0].strip().lower())
+        file_type = claimed or FileType.UNK
+    if file_type is FileType.EMPTY:
+        raise EmptyDocument(f"{filename}: the file holds no content")
+    return file_type
+
+
+def _refuse_unsupported(file_type: FileType, filename: str) -> None:
+    if file_type.name in SUPPORTED_TYPES:
+        return
+    if file_type.name in _NEEDS_LIBREOFFICE:
+        reason = "legacy binary Office formats (.doc, .ppt) are not supported: use .docx/.pptx"
+    elif file_type.name == "UNK":
+        reason = "the file type could not be recognised"
+    else:
+        reason = f"{file_type.name.lower()} files ({file_type.mime_type}) are not supported"
+    raise UnsupportedType(f"{filename}: {reason}")
+
+
+def _refuse_encrypted(handle: IO[bytes], file_type: FileType, filename: str) -> None:
+    """Raise ``EncryptedDocument`` for files that need a password to read."""
+    handle.seek(0)
+    if _is_ole(handle) and _office_encrypted(handle):
+        raise EncryptedDocument(f"{filename}: the Office file is password-protected")
+    checks = {"EML": _eml_encrypted, "MSG": _msg_encrypted}
+    check = checks.get(file_type.name)
+    handle.seek(0)
+    if check is not None and check(handle):
+        raise EncryptedDocument(f"{filename}: the message is encrypted")
+
+
+def _is_ole(handle: IO[bytes]) -> bool:
+    import olefile
+
+    is_ole = bool(olefile.isOleFile(handle))
+    handle.seek(0)
+    return is_ole
+
+
+def _office_encrypted(handle: IO[bytes]) -> bool:
+    """Encrypted OOXML (an OLE wrapper around an EncryptedPackage) or legacy Office."""
+    import msoffcrypto
+
+    try:
+        return bool(msoffcrypto.OfficeFile(handle).is_encrypted())
+    except Exception:  # noqa: BLE001 - not a container msoffcrypto knows: the partitioner judges
+        return False
+    finally:
+        handle.seek(0)
+
+
+@dataclass(frozen=True, slots=True)
+class _PdfProbe:
+    page_count: int | None
+    needs_password: bool
+    error: str | None  # why pypdf could not read the file, if it could not
+
+
+def _probe_pdf(handle: IO[bytes]) -> _PdfProbe:
+    """Page count, and whether a user password is needed (an owner password alone does not
+    stop reading), from pypdf; a file pypdf cannot read is left to the partitioner to judge."""
+    from pypdf import PasswordType, PdfReader
+
+    handle.seek(0)
+    try:
+        reader = PdfReader(handle)
+        if reader.is_encrypted and reader.decrypt("") == PasswordType.NOT_DECRYPTED:
+            return _PdfProbe(page_count=None, needs_password=True, error=None)
+        return _PdfProbe(page_count=len(reader.pages), needs_password=False, error=None)
+    except Exception as exc:  # noqa: BLE001 - recorded; decisive only if nothing is extracted
+        error = f"{type(exc).__name__}: {exc}"
+        return _PdfProbe(page_count=None, needs_password=False, error=error)
+
+
+def _eml_encrypted(handle: IO[bytes]) -> bool:
+    headers = email.parser.BytesHeaderParser(policy=email.policy.default).parse(handle)
+    return _encrypted_mime(str(headers.get("Content-Type", "")))
+
+
+def _msg_encrypted(handle: IO[bytes]) -> bool:
+    from oxmsg import Message
+
+    try:
+        message = Message.load(handle)
+    except Exception:  # noqa: BLE001 - a broken MSG is for the partitioner to judge
+        return False
+    message_class = (message.message_class or "").upper()
+    if message_class.startswith("IPM.NOTE.SMIME") and "MULTIPARTSIGNED" not in message_class:
+        return True
+    return _encrypted_mime(message.message_headers.get("Content-Type", "") or "")
+
+
+def _encrypted_mime(content_type: str) -> bool:
+    value = content_type.lower()
+    return value.startswith("multipart/encrypted") or (
+        "pkcs7-mime" in value and "signed-data" not in value
+    )
+
+
+def convert_elements(raw: Iterable[UnstructuredElement]) -> list[Element]:
+    """unstructured elements → ours, dropping those without text and adding ``section``.
+
+    ``section`` is the text of the nearest Title above the element: its ancestor through
+    ``parent_id`` when unstructured built a hierarchy, else the last Title seen.
+    """
+    elements: list[Element] = []
+    titles: dict[str, str] = {}
+    last_title: str | None = None
+    for item in raw:
+        text = (item.text or "").strip()
+        meta = item.metadata.to_dict()
+        if item.category == "Title" and text:
+            titles[str(item.id)] = text
+            last_title = text
+        if not text:
+            continue
+        kept: dict[str, Any] = {
+            key: meta[key] for key in KEPT_METADATA if meta.get(key) not in (None, [], "")
+        }
+        kept["element_id"] = str(item.id)
+        parent = meta.get("parent_id")
+        section = text if item.category == "Title" else titles.get(parent) if parent else None
+        kept["section"] = section or last_title
+        page = meta.get("page_number")
+        page_number = int(page) if page else None
+        elements.append(Element(text=text, category=item.category, page=page_number, metadata=kept))
+    return elements
+
+
+def _no_text_message(filename: str, type_name: str) -> str:
+    if type_name == "PDF":
+        return f"{filename}: the PDF has no extractable text (scanned? OCR is not enabled)"
+    return f"{filename}: no text could be extracted from this {type_name.lower()} file"
+
+
+def _classify_failure(exc: Exception, *, filename: str, path: Path) -> PermanentError:
+    """Give an unexpected library exception its stable code, keeping the original message
+    (with our storage path replaced by the client's file name, and cut to a sane length)."""
+    from unstructured.errors import UnprocessableEntityError
+    from unstructured.partition.common import UnsupportedFileFormatError
+
+    detail = f"{type(exc).__name__}: {exc}".replace(str(path), filename)[:MAX_DETAIL_CHARS]
+    if isinstance(exc, UnsupportedFileFormatError):
+        return UnsupportedType(f"{filename}: {detail}")
+    if isinstance(exc, UnprocessableEntityError) and "password" in str(exc).lower():
+        return EncryptedDocument(f"{filename}: {detail}")
+    if type(exc).__name__ in _ENCRYPTION_ERRORS:
+        return EncryptedDocument(f"{filename}: {detail}")
+    return CorruptDocument(f"{filename}: {detail}")
