@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     # Parsing and chunking
     chunk_max_words: int = 160
     pdf_strategy: str = "fast"
+    parse_languages: list[str] | None = Field(
+        default=None, description='ISO 639-3 codes, e.g. ["eng"]; skips per-element language '
+        "detection when the corpus language is known."
+    )
     tagger_path: Path | None = Field(
         default=None, description="Trained POS tagger weights; default: data_dir/nlp/tagger.json."
     )

@@ -49,6 +49,7 @@ def _parse(ctx: StageContext) -> Handoff:
         filename=filename,
         content_type=content_type,
         pdf_strategy=settings.pdf_strategy,
+        languages=settings.parse_languages,
         tagger_path=resources.tagger_path(),
     )
     ctx.checkpoint(progress=0.3)
