@@ -128,7 +128,7 @@ class Supervisor:
 # `worker_soft_shutdown_timeout` to finish, then are stopped and their messages requeued
 # (a plain warm shutdown would wait for them however long they run).
 # DO_NOT_TRACK: unstructured otherwise sends a telemetry event on every partition call.
-WORKER_ENV = {"REMAP_SIGTERM": "SIGQUIT", "DO_NOT_TRACK": "1"}
+WORKER_ENV = {"REMAP_SIGTERM": "SIGQUIT", "DO_NOT_TRACK": "1", "UNSTRUCTURED_DISABLE_NOTICE": "1"}
 # The API's numpy query encoder runs one small matrix product per query: more BLAS threads only
 # thrash on a busy machine (measured: 26 ms single-threaded vs 0.3-1.5 s with two under load).
 API_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}

@@ -26,8 +26,8 @@ from tests.faults.harness import (
 )
 from tests.stack import StackFactory
 
-PDF_400P = (Path(__file__).resolve().parents[2].parent / "shared" / "data" / "docs"
-            / "unstructured" / "pdf" / "pdf2image-memory-error-test-400p.pdf")
+SLOW_PDF = (Path(__file__).resolve().parents[2].parent / "shared" / "data" / "docs"
+            / "unstructured" / "pdf" / "DA-619p.pdf")
 
 
 def _configure(monkeypatch, env: dict[str, str]) -> dict[str, str]:  # type: ignore[no-untyped-def]
@@ -128,13 +128,13 @@ def hard_time_limit(stack: StackFactory, env: dict[str, str], *, docs: int, tmp:
     dead with `timeout`; a normal document alongside succeeds."""
     max_retries = 1
     env = _configure(monkeypatch, {
-        **env, "SLUICE_PARSE_SOFT_TIME_LIMIT_S": "none", "SLUICE_PARSE_TIME_LIMIT_S": "3",
+        **env, "SLUICE_PARSE_SOFT_TIME_LIMIT_S": "none", "SLUICE_PARSE_TIME_LIMIT_S": "20",
         "SLUICE_RETRY_PARSE__MAX_RETRIES": str(max_retries),
     })
     s = stack(env, workers=1, concurrency=2, beat=True)
     files = [tmp / f"slow-{i}.pdf" for i in range(docs)]
     for i, path in enumerate(files):  # distinct bytes, same slow document
-        path.write_bytes(PDF_400P.read_bytes() + f"\n% copy {i}\n".encode())
+        path.write_bytes(SLOW_PDF.read_bytes() + f"\n% copy {i}\n".encode())
     normal = make_corpus(tmp / "corpus", 1)
     started = time.monotonic()
     job_ids = submit(s, files)
@@ -149,6 +149,10 @@ def hard_time_limit(stack: StackFactory, env: dict[str, str], *, docs: int, tmp:
     outcome.other["dead_with_timeout"] = sum(1 for c in codes if c == "timeout")
     outcome.other["attempts"] = len(attempts)
     outcome.other["normal_succeeded"] = sum(1 for j in normal_ids if states.get(j) == "succeeded")
+    with session_scope() as session:
+        outcome.other["normal_errors"] = [  # type: ignore[assignment]
+            (j.state, j.stage, j.error_code, j.error_message)
+            for j in session.scalars(select(Job).where(Job.id.in_(normal_ids)))]
     return outcome
 
 
