@@ -62,11 +62,12 @@ def test_hard_time_limit_is_retried_then_dead_with_timeout(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     outcome = _run(scenarios.hard_time_limit, production_env, stack, tmp_path, monkeypatch,
-                   docs=1)
-    assert outcome.dead == outcome.submitted
-    assert outcome.other["dead_with_timeout"] == outcome.submitted
-    assert outcome.other["attempts"] == 2 * outcome.submitted  # first try + max_retries (1)
-    assert outcome.other["normal_succeeded"] == 1
+                   docs=2)
+    assert outcome.dead == outcome.expected_dead == 1
+    assert outcome.other["slow_dead_with_timeout"] == 1
+    assert outcome.other["slow_attempts"] == 2  # first try + max_retries (1)
+    assert outcome.other["normal_succeeded"] == 2
+    assert outcome.succeeded == 2
 
 
 def test_sigterm_mid_task_requeues_to_the_other_worker(
