@@ -19,7 +19,8 @@ class PipelineError(Exception):
 
 
 class PermanentError(PipelineError):
-    """The input can never succeed (unsupported, corrupt, encrypted, over a limit): never retried."""
+    """The input can never succeed (unsupported, corrupt, encrypted, over a limit): never
+    retried."""
 
     code = "permanent_error"
 

@@ -70,7 +70,8 @@ def up(host: str, port: int, data_dir: Path | None) -> None:
     children.append(processes.Child(
         "beat", processes.beat_command(str(settings.resolved_data_dir / "beat-schedule"))))
     env = processes.child_env({"SLUICE_DATA_DIR": str(settings.resolved_data_dir)})
-    click.echo(f"Sluice on http://{host}:{port} (docs: /docs), data in {settings.resolved_data_dir}")
+    click.echo(f"Sluice on http://{host}:{port} (docs: /docs), "
+               f"data in {settings.resolved_data_dir}")
     sys.exit(processes.Supervisor(children, env=env).run())
 
 

@@ -5,6 +5,7 @@ command-line flags, not code."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -51,10 +52,8 @@ def api_command(host: str, port: int) -> list[str]:
 
 def _die_with_parent() -> None:
     # Linux: the child gets SIGTERM if the supervisor dies, so nothing is ever orphaned.
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 @dataclass

@@ -141,9 +141,8 @@ class Settings(BaseSettings):
 
     @property
     def is_embedded(self) -> bool:
-        return self.resolved_database_url.startswith("sqlite") or self.resolved_broker_url.startswith(
-            "filesystem"
-        )
+        return (self.resolved_database_url.startswith("sqlite")
+                or self.resolved_broker_url.startswith("filesystem"))
 
     @property
     def visibility_timeout_s(self) -> int:

@@ -19,7 +19,8 @@ from workers.app import app
 
 @app.task(name=names.ANSWER_QUESTION, bind=True)
 def answer_question(self: Task, job_id: str) -> str:
-    return run_stage(job_id=job_id, stage=Stage.ANSWER, worker=self.request.hostname, work=_answer)
+    return run_stage(job_id=job_id, stage=Stage.ANSWER, worker=self.request.hostname,
+                     work=_answer)
 
 
 def _answer(ctx: StageContext) -> Handoff:

@@ -22,12 +22,14 @@ EMBED_BATCH_CHUNKS = 256  # chunks encoded between two checkpoints
 
 @app.task(name=names.PARSE_DOCUMENT, bind=True)
 def parse_document(self: Task, job_id: str) -> str:
-    return run_stage(job_id=job_id, stage=Stage.PARSE, worker=self.request.hostname, work=_parse, on_cancel=_drop_chunks)
+    return run_stage(job_id=job_id, stage=Stage.PARSE, worker=self.request.hostname,
+                     work=_parse, on_cancel=_drop_chunks)
 
 
 @app.task(name=names.EMBED_DOCUMENT, bind=True)
 def embed_document(self: Task, job_id: str) -> str:
-    return run_stage(job_id=job_id, stage=Stage.EMBED, worker=self.request.hostname, work=_embed, on_cancel=_drop_chunks)
+    return run_stage(job_id=job_id, stage=Stage.EMBED, worker=self.request.hostname,
+                     work=_embed, on_cancel=_drop_chunks)
 
 
 def _parse(ctx: StageContext) -> Handoff:

@@ -26,7 +26,8 @@ def publish(job_id: str, stage: str, *, countdown: float | None = None) -> bool:
             retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
         )
     except (BrokerError, OSError) as exc:
-        log.warning("publish of job %s (%s) failed, the reconciler will retry: %s", job_id, stage, exc)
+        log.warning("publish of job %s (%s) failed, the reconciler will retry: %s",
+                    job_id, stage, exc)
         return False
     with session_scope() as session:
         ledger.mark_published(session, job_id)

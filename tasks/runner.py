@@ -221,7 +221,7 @@ def run_stage(
         with session_scope() as session:
             ledger.release(session, claim)
         raise
-    except BaseException as exc:
+    except BaseException as exc:  # noqa: BLE001 - every failure is recorded, none swallowed
         permanent, code = classify(exc)
         state = fail_attempt(claim, document_id=ctx.document_id, permanent=permanent, code=code,
                              message=str(exc) or type(exc).__name__,
