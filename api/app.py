@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from api import errors, idempotency
-from api.routes import answers, dead_letters, documents, jobs
+from api.routes import answers, dead_letters, documents, events, jobs
 from sluice import __version__
 from sluice.logs import configure_logging
 
@@ -23,6 +23,7 @@ def create_app() -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(answers.router)
     app.include_router(dead_letters.router)
+    app.include_router(events.router)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:

@@ -13,13 +13,14 @@ from sqlalchemy.orm import Session
 
 from api.errors import ApiError
 from models import Workspace
-from sluice.db import new_session
+from sluice.db import new_read_session
 
 WORKSPACE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 def get_session() -> Iterator[Session]:
-    session = new_session()
+    """A read-only session for the request (routes that write use a short `session_scope`)."""
+    session = new_read_session()
     try:
         yield session
     finally:

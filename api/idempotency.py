@@ -15,7 +15,7 @@ from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoin
 
 from api.deps import WORKSPACE_RE
 from models.entities import IdempotencyRecord
-from sluice.db import session_scope
+from sluice.db import read_scope, session_scope
 
 HEADER = "idempotency-key"
 REPLAYED_HEADER = "Idempotent-Replayed"
@@ -28,7 +28,7 @@ def _fingerprint(request: Request) -> str:
 
 
 def _load(workspace: str, key: str) -> IdempotencyRecord | None:
-    with session_scope() as session:
+    with read_scope() as session:
         return session.get(IdempotencyRecord, (workspace, key))
 
 

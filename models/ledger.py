@@ -19,13 +19,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import insert, literal, or_, select, update
 from sqlalchemy.orm import Session
 
 from models.entities import (
     FINAL_STATES,
     Job,
     JobAttempt,
+    JobEvent,
     JobKind,
     JobState,
     Stage,
@@ -65,21 +66,41 @@ def create_job(
     )
     session.add(job)
     session.flush()
+    _append_event(session, job.id)
     return job
 
 
-def _cas(session: Session, job_id: str, where: list[Any], values: dict[str, Any]) -> bool:
+def _cas(
+    session: Session, job_id: str, where: list[Any], values: dict[str, Any], *,
+    event: bool = True,
+) -> bool:
+    """Compare-and-set one job row; on success append the job's new state as an event."""
     values.setdefault("updated_at", utcnow())
     result = session.execute(
         update(Job).where(Job.id == job_id, *where).values(**values).execution_options(
             synchronize_session=False
         )
     )
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    changed = bool(result.rowcount)  # type: ignore[attr-defined]
+    if changed and event:
+        _append_event(session, job_id)
+    return changed
+
+
+def _append_event(session: Session, job_id: str) -> None:
+    columns = ("workspace_id", "kind", "state", "stage", "progress", "error_code",
+               "error_message")
+    session.execute(
+        insert(JobEvent).from_select(
+            ["job_id", *columns, "created_at"],
+            select(Job.id, *(getattr(Job, c) for c in columns), literal(utcnow()))
+            .where(Job.id == job_id),
+        )
+    )
 
 
 def mark_published(session: Session, job_id: str) -> None:
-    _cas(session, job_id, [Job.state.in_(STARTABLE)], {"published_at": utcnow()})
+    _cas(session, job_id, [Job.state.in_(STARTABLE)], {"published_at": utcnow()}, event=False)
 
 
 def start(
@@ -130,11 +151,13 @@ def _held(claim: Claim) -> list[Any]:
 
 
 def heartbeat(session: Session, claim: Claim, *, progress: float | None = None) -> bool:
-    """Refresh the heartbeat; False when the claim is no longer held (taken over, cancelled)."""
+    """Refresh the heartbeat (and record new progress as an event); False when the claim is
+    no longer held (taken over, cancelled)."""
     values: dict[str, Any] = {"heartbeat_at": utcnow()}
     if progress is not None:
         values["progress"] = progress
-    return _cas(session, claim.job_id, [*_held(claim), Job.cancel_requested.is_(False)], values)
+    return _cas(session, claim.job_id, [*_held(claim), Job.cancel_requested.is_(False)], values,
+                event=progress is not None)
 
 
 def advance(session: Session, claim: Claim, *, next_stage: Stage) -> bool:
@@ -227,7 +250,8 @@ def cancel(session: Session, *, job_id: str) -> JobState | None:
     if state in FINAL_STATES:
         return state
     if state == JobState.RUNNING:
-        _cas(session, job_id, [Job.state == JobState.RUNNING], {"cancel_requested": True})
+        _cas(session, job_id, [Job.state == JobState.RUNNING], {"cancel_requested": True},
+             event=False)
         return JobState.RUNNING
     if _cas(session, job_id, [Job.state == state, Job.attempt == job.attempt],
             {"state": JobState.CANCELLED, "cancel_requested": True, "finished_at": utcnow(),

@@ -100,6 +100,30 @@ def beat(schedule: str | None) -> None:
     os.execv(argv[0], argv)
 
 
+@main.command()
+@click.option("--address", default="127.0.0.1", show_default=True)
+@click.option("--port", default=5555, show_default=True, type=int)
+@click.option("--url-prefix", default=None, help="Serve under this path (behind a proxy).")
+def flower(address: str, port: int, url_prefix: str | None) -> None:
+    """Run Flower (Celery monitoring) against this deployment's broker; basic auth
+    (SLUICE_FLOWER_BASIC_AUTH=user:password) is required outside the embedded mode."""
+    from sluice import processes
+    from sluice.flower import check_auth, flower_command
+    from sluice.settings import get_settings
+
+    settings = get_settings()
+    try:
+        check_auth(settings.flower_basic_auth, embedded=settings.is_embedded)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    # The credentials go through the environment, not argv (where `ps` would show them).
+    argv = flower_command(port=port, address=address, basic_auth=None, url_prefix=url_prefix)
+    os.environ.update(processes.WORKER_ENV)
+    if settings.flower_basic_auth:
+        os.environ["FLOWER_BASIC_AUTH"] = settings.flower_basic_auth
+    os.execv(argv[0], argv)
+
+
 def _client(api: str, workspace: str) -> httpx.Client:
     return httpx.Client(base_url=api, headers={"X-Workspace": workspace}, timeout=120)
 

@@ -17,6 +17,7 @@ from sluice.settings import get_settings
 
 _engine: Engine | None = None
 _sessionmaker: sessionmaker[Session] | None = None
+_read_sessionmaker: sessionmaker[Session] | None = None
 
 
 def is_sqlite(url: str) -> bool:
@@ -54,15 +55,17 @@ def make_engine(url: str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        # Take the write lock up front: a deferred transaction that reads, then writes,
+        # Writers take the write lock up front: a deferred transaction that reads, then writes,
         # fails with SQLITE_BUSY instead of waiting when another process wrote meanwhile.
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Read-only sessions (see `read_session`) begin deferred and never block anyone (WAL).
+        conn.exec_driver_sql("BEGIN " + conn.get_execution_options().get("sqlite_begin",
+                                                                         "IMMEDIATE"))
 
     return engine
 
 
 def get_engine() -> Engine:
-    global _engine, _sessionmaker
+    global _engine, _sessionmaker, _read_sessionmaker
     if _engine is None:
         settings = get_settings()
         url = settings.resolved_database_url
@@ -70,23 +73,45 @@ def get_engine() -> Engine:
             settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
         _engine = make_engine(url)
         _sessionmaker = sessionmaker(_engine, expire_on_commit=False)
+        _read_sessionmaker = sessionmaker(
+            _engine.execution_options(sqlite_begin="DEFERRED"), expire_on_commit=False
+        )
     return _engine
 
 
 def dispose_engine(*, after_fork: bool = False) -> None:
     """Forget this process's engine: after a fork (leaving the parent's connections alone),
     or when settings change in tests."""
-    global _engine, _sessionmaker
+    global _engine, _sessionmaker, _read_sessionmaker
     if _engine is not None:
         _engine.dispose(close=not after_fork)
     _engine = None
     _sessionmaker = None
+    _read_sessionmaker = None
 
 
 def new_session() -> Session:
     get_engine()
     assert _sessionmaker is not None
     return _sessionmaker()
+
+
+def new_read_session() -> Session:
+    """A session for reading only (on SQLite it never takes the write lock)."""
+    get_engine()
+    assert _read_sessionmaker is not None
+    return _read_sessionmaker()
+
+
+@contextmanager
+def read_scope() -> Iterator[Session]:
+    """A short read-only transaction."""
+    session = new_read_session()
+    try:
+        with session.begin():
+            yield session
+    finally:
+        session.close()
 
 
 @contextmanager

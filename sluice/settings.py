@@ -100,6 +100,10 @@ class Settings(BaseSettings):
     answer_soft_time_limit_s: int | None = 60
     answer_time_limit_s: int = 75
 
+    flower_basic_auth: str | None = Field(
+        default=None, description="user:password for Flower; required outside the embedded mode."
+    )
+
     log_level: str = "INFO"
     log_json: bool = False
 
@@ -141,8 +145,9 @@ class Settings(BaseSettings):
 
     @property
     def is_embedded(self) -> bool:
+        """Both the database and the broker are the embedded defaults."""
         return (self.resolved_database_url.startswith("sqlite")
-                or self.resolved_broker_url.startswith("filesystem"))
+                and self.resolved_broker_url.startswith("filesystem"))
 
     @property
     def visibility_timeout_s(self) -> int:

@@ -84,16 +84,20 @@ class _Heartbeat(threading.Thread):
         self.lost = threading.Event()
 
     def run(self) -> None:
+        reported: float | None = None
         while not self.stop_event.wait(self.interval_s):
+            progress = self.progress if self.progress != reported else None
             try:
                 with session_scope() as session:
-                    held = ledger.heartbeat(session, self.claim, progress=self.progress)
+                    held = ledger.heartbeat(session, self.claim, progress=progress)
             except DBAPIError as exc:  # the database is away; keep trying, the work goes on
                 log.warning("heartbeat for job %s failed: %s", self.claim.job_id, exc)
                 continue
             if not held:
                 self.lost.set()
                 return
+            if progress is not None:
+                reported = progress
 
     def raise_why(self) -> None:
         with session_scope() as session:

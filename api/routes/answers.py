@@ -15,7 +15,7 @@ from api.schemas import AnswerRequest, JobAccepted, JobOut, SearchHit, SearchReq
 from api.state import publish_job, query_encoder
 from models import Job, JobKind, Stage, ledger
 from models.entities import FINAL_STATES
-from sluice.db import session_scope
+from sluice.db import read_scope, session_scope
 from sluice.retrieve import hybrid_search
 from sluice.settings import get_settings
 
@@ -59,7 +59,7 @@ def _create_answer_job(workspace: str, body: AnswerRequest) -> str:
 
 
 def _finished_job(job_id: str) -> JobOut | None:
-    with session_scope() as session:
+    with read_scope() as session:
         job = session.get(Job, job_id)
         if job is not None and job.state in FINAL_STATES:
             return job_out(job)
