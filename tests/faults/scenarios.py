@@ -26,8 +26,10 @@ from tests.faults.harness import (
 )
 from tests.stack import StackFactory
 
-SLOW_PDF = (Path(__file__).resolve().parents[2].parent / "shared" / "data" / "docs"
-            / "unstructured" / "pdf" / "DA-619p.pdf")
+# A 109 kB spreadsheet whose shared strings expand without end: minutes of parsing and
+# gigabytes of memory unless a limit stops it.
+RUNAWAY_XLSX = (Path(__file__).resolve().parents[2].parent / "shared" / "data" / "hostile"
+                / "office" / "apache-poi" / "spreadsheet" / "poc-shared-strings.xlsx")
 
 
 def _configure(monkeypatch, env: dict[str, str]) -> dict[str, str]:  # type: ignore[no-untyped-def]
@@ -124,23 +126,25 @@ def always_transient(stack: StackFactory, env: dict[str, str], *, docs: int, tmp
 
 def hard_time_limit(stack: StackFactory, env: dict[str, str], *, docs: int, tmp: Path,
                     monkeypatch, slow: int = 1) -> Outcome:  # type: ignore[no-untyped-def]
-    """`slow` parses over their hard time limit (no soft limit, so the child is killed) among
-    `docs` normal documents: the slow ones are retried, then dead with `timeout`; the normal
-    ones succeed."""
+    """`slow` runaway parses (a hostile spreadsheet) over their hard time limit (no soft limit,
+    so the child is killed) among `docs` normal documents: the runaways are retried, then dead
+    with `timeout`; the normal ones succeed."""
     max_retries = 1
     env = _configure(monkeypatch, {
-        **env, "SLUICE_PARSE_SOFT_TIME_LIMIT_S": "none", "SLUICE_PARSE_TIME_LIMIT_S": "20",
+        **env, "SLUICE_PARSE_SOFT_TIME_LIMIT_S": "none", "SLUICE_PARSE_TIME_LIMIT_S": "40",
         "SLUICE_RETRY_PARSE__MAX_RETRIES": str(max_retries),
     })
     s = stack(env, workers=1, concurrency=2, beat=True)
-    slow_files = [tmp / f"slow-{i}.pdf" for i in range(slow)]
-    for i, path in enumerate(slow_files):  # distinct bytes, same slow document
-        path.write_bytes(SLOW_PDF.read_bytes() + f"\n% copy {i}\n".encode())
     started = time.monotonic()
-    slow_ids = submit(s, slow_files)
+    slow_ids = []
+    with s.client() as client:
+        for i in range(slow):  # the same bytes again: force a new document each time
+            resp = client.post("/v1/documents", params={"force": "true"},
+                               files={"file": (f"runaway-{i}.xlsx", RUNAWAY_XLSX.read_bytes())})
+            slow_ids.append(resp.json()["job_id"])
     normal_ids = submit(s, make_corpus(tmp / "corpus", docs))
     job_ids = slow_ids + normal_ids
-    states = drain(job_ids, timeout=120 + docs * 2 + slow * 60)
+    states = drain(job_ids, timeout=120 + docs * 2 + slow * 100)
     outcome = tally("hard_time_limit", job_ids, states, started, expected_dead=len(slow_ids))
     with session_scope() as session:
         codes = session.scalars(select(Job.error_code).where(Job.id.in_(slow_ids))).all()
