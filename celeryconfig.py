@@ -91,14 +91,24 @@ def build(_settings: Settings) -> dict[str, Any]:
             "time_limit": _settings.answer_time_limit_s,
         },
         names.RECONCILE_JOBS: {"soft_time_limit": 60, "time_limit": 90},
+        names.PURGE_EXPIRED: {"soft_time_limit": 300, "time_limit": 330},
+        names.REEMBED_OUTDATED: {"soft_time_limit": 600, "time_limit": 630},
+        names.DEAD_LETTER_DIGEST: {"soft_time_limit": 60, "time_limit": 90},
     }
 
+    # The beat schedule, all of it. Each entry expires after one interval, so a backlog never
+    # runs stale housekeeping; each task also holds a lease while it runs (tasks.periodic),
+    # so an accidental second beat does no harm. An interval of `none` leaves a task out.
+    _every = {
+        names.RECONCILE_JOBS: _settings.reconcile_interval_s,
+        names.PURGE_EXPIRED: _settings.retention_interval_s,
+        names.REEMBED_OUTDATED: _settings.reembed_interval_s,
+        names.DEAD_LETTER_DIGEST: _settings.dead_letter_digest_interval_s,
+    }
     beat_schedule = {
-        "reconcile-jobs": {
-            "task": names.RECONCILE_JOBS,
-            "schedule": _settings.reconcile_interval_s,
-            "options": {"expires": _settings.reconcile_interval_s},
-        },
+        _entry: {"task": _task, "schedule": _every[_task], "options": {"expires": _every[_task]}}
+        for _entry, _task in names.PERIODIC_TASKS.items()
+        if _every[_task] is not None
     }
     return {k: v for k, v in locals().items() if not k.startswith("_")}
 
