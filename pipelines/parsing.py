@@ -1,15 +1,27 @@
 """Parse one document into structural elements with unstructured, offline.
 
 The type is sniffed from the bytes (libmagic, then the file name's extension), never taken from
-the client's word. Failures become ``PermanentError`` subclasses with stable codes:
+the client's word. Before any parser sees the file, ``pipelines.guards`` refuses zip bombs, XML
+entity declarations, oversized images and files over the size limit; PDFs over the page limit
+are refused from pypdf's page count. After parsing, ``pipelines.hygiene`` refuses text that is
+mostly garbage. Failures become ``PermanentError`` subclasses with stable codes (the full table
+is in ``pipelines.errors``):
 
 ====================== =======================================================================
 ``unsupported_type``   a format we do not partition (images, audio, zip, JSON, .doc/.ppt, unknown)
+``type_mismatch``      named ``.pdf`` but not a PDF; named as a document we parse, but the bytes
+                       are an archive, image or media file
 ``empty_document``     an empty file, or a non-empty one that yields no text
 ``corrupt_document``   the library fails on the file (any unexpected exception, message kept)
 ``encrypted_document`` a password-protected PDF, Office file or e-mail
+``too_large``          over the file size limit, or an image over the pixel limit
+``too_many_pages``     a PDF over the page limit
+``archive_bomb``       a zip container refused from its central directory
+``xml_bomb``           XML (or an XML part of an Office file) that declares entities
+``garbage_text``       the extracted text is mostly not text, or a "text" file in no encoding
 ====================== =======================================================================
 
+``timeout`` and ``memory_limit`` come from running this in ``pipelines.sandbox``.
 ``MemoryError`` (and ``BaseException``s such as ``KeyboardInterrupt``) propagate unwrapped;
 so does an ``OSError`` from reading ``path`` itself, which is the blob store's fault, not the
 document's.
@@ -24,13 +36,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Final
 
-from pipelines import nlp
+from pipelines import guards, hygiene, nlp
 from pipelines.errors import (
     CorruptDocument,
     EmptyDocument,
     EncryptedDocument,
+    GarbageText,
     PermanentError,
     PipelineError,
+    TypeMismatch,
     UnsupportedType,
 )
 from pipelines.types import Element, ParsedDocument
@@ -50,6 +64,16 @@ SUPPORTED_TYPES: Final = frozenset(
     }
 )
 _NEEDS_LIBREOFFICE: Final = frozenset({"DOC", "PPT"})
+# Recognised formats that are never a document under another name: a supported extension on
+# one of these is a type mismatch, not merely an unsupported type.
+_NOT_DOCUMENTS: Final = frozenset(
+    {
+        "ZIP", "BMP", "JPG", "PNG", "TIFF", "HEIC", "WEBP", "FLAC", "M4A", "MP3", "OGG",
+        "OPUS", "WAV", "WEBM",
+    }
+)
+_ZIP_DOCUMENTS: Final = frozenset({"DOCX", "PPTX", "XLSX", "EPUB", "ODT"})
+_PDF_HEADER_WINDOW: Final = 1024  # readers accept "%PDF-" anywhere in the first 1 kB
 # Raised by pdfminer / pypdf / msoffcrypto when a password is needed.
 _ENCRYPTION_ERRORS: Final = frozenset(
     {"PDFPasswordIncorrect", "PDFEncryptionError", "FileEncryptedError"}
@@ -81,6 +105,8 @@ def parse_document(
     pdf_strategy: str = "fast",
     languages: Sequence[str] | None = None,
     tagger_path: Path | None = None,
+    guard_limits: guards.GuardLimits = guards.DEFAULT_LIMITS,
+    hygiene_limits: hygiene.HygieneLimits = hygiene.DEFAULT_LIMITS,
 ) -> ParsedDocument:
     """Partition the file at ``path`` into elements.
 
@@ -89,22 +115,27 @@ def parse_document(
     (the client's claim) is only used when sniffing finds nothing. ``languages`` are ISO 639-3
     codes passed to unstructured; ``None`` lets it decide. ``tagger_path`` is the weights file
     of the part-of-speech tagger (``pipelines.nlp.ensure_tagger``); ``None`` uses the rule-based
-    fallback, which classifies elements less well (see docs/parsing.md).
+    fallback, which classifies elements less well (see docs/parsing.md). ``guard_limits`` and
+    ``hygiene_limits`` are the limits of ``pipelines.guards`` and ``pipelines.hygiene``.
     """
     if pdf_strategy not in PDF_STRATEGIES:
         raise ValueError(f"pdf_strategy must be one of {sorted(PDF_STRATEGIES)}: {pdf_strategy!r}")
     if path.stat().st_size == 0:
         raise EmptyDocument(f"{filename}: the file is empty")
-    nlp.install(tagger_path)
     with path.open("rb") as handle:
         try:
-            return _parse(
+            guards.check_file(path, filename=filename, limits=guard_limits)
+            nlp.install(tagger_path)
+            parsed = _parse(
                 handle,
                 filename=filename,
                 content_type=content_type,
                 pdf_strategy=pdf_strategy,
                 languages=languages,
+                guard_limits=guard_limits,
             )
+            hygiene.check_text(parsed.elements, filename=filename, limits=hygiene_limits)
+            return parsed
         except (PipelineError, MemoryError):
             raise
         except Exception as exc:  # noqa: BLE001 - every library failure gets a stable code
@@ -112,11 +143,26 @@ def parse_document(
 
 
 def warm_up(tagger_path: Path | None) -> None:
-    """Install the tagger and import unstructured's partitioners (several seconds, once per
-    process). Optional: the first ``parse_document`` does the same lazily. Call it after fork."""
+    """Install the tagger, import unstructured's partitioners and load what they load lazily
+    (language profiles: ~0.7 s) — several seconds, once per process; then a dictionary lookup.
+    Optional in-process (the first ``parse_document`` does the same lazily); needed before
+    forking one sandboxed child per document, or every child pays it again. Call it after the
+    worker's own fork, never at import."""
+    global _warmed
     nlp.install(tagger_path)
-    import unstructured.partition.auto  # noqa: F401
+    if _warmed:
+        return
+    import io
+
     import unstructured.partition.pdf  # noqa: F401
+    from unstructured.partition.auto import partition
+
+    partition(file=io.BytesIO(_WARM_UP_TEXT), content_type="text/plain")
+    _warmed = True
+
+
+_warmed = False
+_WARM_UP_TEXT: Final = b"Warm-up\n\nThis short paragraph loads the language profiles once."
 
 
 def _parse(
@@ -126,15 +172,21 @@ def _parse(
     content_type: str | None,
     pdf_strategy: str,
     languages: Sequence[str] | None,
+    guard_limits: guards.GuardLimits,
 ) -> ParsedDocument:
     from unstructured.partition.auto import partition
 
     file_type = _sniff_type(handle, filename=filename, content_type=content_type)
+    _refuse_mismatch(handle, file_type, filename=filename, content_type=content_type)
+    if file_type.name == "EML":
+        handle = _utf16_mail_as_utf8(handle) or handle
     _refuse_encrypted(handle, file_type, filename)
     _refuse_unsupported(file_type, filename)
     pdf = _probe_pdf(handle) if file_type.name == "PDF" else None
     if pdf is not None and pdf.needs_password:
         raise EncryptedDocument(f"{filename}: the PDF is encrypted and needs a password")
+    if pdf is not None:
+        guards.check_pdf_pages(pdf.page_count, filename=filename, limits=guard_limits)
     handle.seek(0)
     raw = partition(
         file=handle,
@@ -170,6 +222,82 @@ def _sniff_type(handle: IO[bytes], *, filename: str, content_type: str | None) -
     if file_type is FileType.EMPTY:
         raise EmptyDocument(f"{filename}: the file holds no content")
     return file_type
+
+
+def _refuse_mismatch(
+    handle: IO[bytes], file_type: FileType, *, filename: str, content_type: str | None
+) -> None:
+    """``TypeMismatch`` only where the bytes cannot be what the name says *and* parsing them as
+    what they are would mislead or fail: a ``.pdf`` that is not a PDF (an HTML error page
+    saved as ``report.pdf`` would otherwise be indexed as the report), or a document name on
+    an archive, image or media file. A document under another document's name (a ``.docx``
+    named ``notes.txt``, a ``.pptx`` named ``.docx``) is parsed as what its bytes are."""
+    from unstructured.file_utils.model import FileType
+
+    claimed = FileType.from_extension(Path(filename).suffix.lower() or None)
+    if claimed is None and content_type:
+        claimed = FileType.from_mime_type(content_type.split(";")[0].strip().lower())
+    if claimed is None or claimed.name not in SUPPORTED_TYPES:
+        return
+    if claimed.name == "PDF" and (file_type.name != "PDF" or not _has_pdf_header(handle)):
+        actual = "" if file_type.name in ("PDF", "UNK") else f"; they are {_describe(file_type)}"
+        raise TypeMismatch(
+            f"{filename}: named as a PDF, but the bytes are not a PDF (no %PDF- header{actual})"
+        )
+    if file_type.name == "ZIP" and claimed.name in _ZIP_DOCUMENTS and not _is_zipfile(handle):
+        raise CorruptDocument(f"{filename}: the {claimed.name.lower()} file is damaged (its zip "
+                              "directory is missing or broken: truncated?)")
+    if file_type.name in _NOT_DOCUMENTS and file_type is not claimed:
+        raise TypeMismatch(f"{filename}: named as {claimed.name.lower()}, but the bytes are "
+                           f"{_describe(file_type)}")
+
+
+def _utf16_mail_as_utf8(handle: IO[bytes]) -> IO[bytes] | None:
+    """A UTF-16 e-mail (RFC 5322 headers are ASCII, so every other byte of its head is zero),
+    re-encoded as UTF-8; None for any other. unstructured reads the UTF-16 bytes as 8-bit
+    text, a NUL between every two letters: garbage that ``pipelines.hygiene`` would refuse."""
+    import io
+
+    handle.seek(0)
+    head = handle.read(64)
+    handle.seek(0)
+    encoding = None
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        encoding = "utf-16"
+    elif len(head) >= 16 and not any(head[1::2]) and all(head[0::2]):
+        encoding = "utf-16-le"
+    elif len(head) >= 16 and not any(head[0::2]) and all(head[1::2]):
+        encoding = "utf-16-be"
+    if encoding is None:
+        return None
+    try:
+        text = handle.read().decode(encoding)
+    except UnicodeDecodeError:
+        return None
+    finally:
+        handle.seek(0)
+    return io.BytesIO(text.encode("utf-8"))
+
+
+def _is_zipfile(handle: IO[bytes]) -> bool:
+    import zipfile
+
+    try:
+        return zipfile.is_zipfile(handle)
+    finally:
+        handle.seek(0)
+
+
+def _has_pdf_header(handle: IO[bytes]) -> bool:
+    handle.seek(0)
+    try:
+        return b"%PDF-" in handle.read(_PDF_HEADER_WINDOW)
+    finally:
+        handle.seek(0)
+
+
+def _describe(file_type: FileType) -> str:
+    return f"{file_type.name.lower()} ({file_type.mime_type})"
 
 
 def _refuse_unsupported(file_type: FileType, filename: str) -> None:
@@ -309,6 +437,9 @@ def _classify_failure(exc: Exception, *, filename: str, path: Path) -> Permanent
     detail = f"{type(exc).__name__}: {exc}".replace(str(path), filename)[:MAX_DETAIL_CHARS]
     if isinstance(exc, UnsupportedFileFormatError):
         return UnsupportedType(f"{filename}: {detail}")
+    if isinstance(exc, UnprocessableEntityError) and "determine file encoding" in str(exc):
+        return GarbageText(f"{filename}: the bytes are not text in any encoding we can detect "
+                           f"(a binary file?) ({detail})")
     if isinstance(exc, UnprocessableEntityError) and "password" in str(exc).lower():
         return EncryptedDocument(f"{filename}: {detail}")
     if type(exc).__name__ in _ENCRYPTION_ERRORS:

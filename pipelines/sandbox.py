@@ -1,0 +1,445 @@
+"""Run a function in a forked child process with a memory cap and a wall-time limit.
+
+``run_limited(fn, args=..., limits=...)`` forks, caps the child's memory with
+``setrlimit``, runs ``fn`` there and sends its result (or its exception) back pickled over a
+pipe, which the parent drains as it arrives, so a large result never blocks the child. The
+parent only waits: a parse that exhausts memory, loops forever or crashes the interpreter
+takes the child down, never the caller (a Celery pool process, whose heartbeat thread goes
+on beating meanwhile).
+
+Outcomes, all raised in the parent:
+
+- ``fn``'s return value is returned; an exception ``fn`` raised is raised again (same type and
+  attributes; the child's traceback rides along as its ``__cause__``);
+- ``MemoryError`` in the child, or a child killed by ``SIGKILL`` that we did not send (the
+  kernel's out-of-memory killer) → ``MemoryLimitExceeded`` (``memory_limit``);
+- past ``wall_time_s`` → the child's process group is killed → ``ParseTimeout`` (``timeout``);
+- killed by any other signal (a segfault in a C extension), or gone without a result →
+  ``ChildCrashed`` (``corrupt_document``: the input crashed its parser), the signal named;
+- the sandbox's own plumbing failed (setting the limits) → ``SandboxError``, a plain
+  ``RuntimeError``: not the input's fault, so the task layer retries it.
+
+Why fork, not spawn/forkserver: the parse workers import unstructured (and, with its PDF
+module, torch) once per process — 6-9 s. A forked child inherits all of it for ~30-45 ms
+of fork on a 650 MB process (docs/parsing.md has the measurements); ``gc.freeze()`` around
+the fork keeps the child's collections off the inherited pages, and the parent does not wait
+for the child's exit once the result is in. Only the forking thread exists in the child, and
+the child touches nothing the parent's other threads own (the heartbeat's database
+connection): it runs ``fn``, writes to its pipe and leaves with ``os._exit``, so no atexit
+hook, finaliser or inherited connection is ever run or closed from the child. Python
+re-initialises the logging and import locks after fork itself.
+
+The memory cap is ``RLIMIT_DATA``: since Linux 4.7 it bounds the private writable mappings
+(heap, anonymous ``mmap``, thread stacks), i.e. what a runaway parse allocates, and it is
+inherited by what the child runs (pandoc included). ``RLIMIT_AS`` works too but counts address
+space: torch's import alone leaves a parse worker at ~1.7 GB of it (1 GB of that is shared
+library text), so an ``RLIMIT_AS`` of 3 GiB leaves a parse ~1.3 GB and the headroom moves with
+every library upgrade. Libraries that fail an allocation without raising ``MemoryError``
+(libxml2 reports "unknown error") are recognised by the child's data size being at the cap
+when the error arrives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import gc
+import os
+import pickle
+import resource
+import select
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
+
+from pipelines.errors import CorruptDocument, MemoryLimitExceeded, ParseTimeout
+
+T = TypeVar("T")
+
+_EXIT_OK: Final = 0
+_EXIT_MEMORY: Final = 3  # MemoryError, and not even the short report could be written
+_EXIT_INTERNAL: Final = 4  # the child's own plumbing failed
+_READ_CHUNK: Final = 1 << 20
+_REAP_GRACE_S: Final = 5.0  # after the pipe closes, the child has this long to exit
+_PR_SET_PDEATHSIG: Final = 1
+# Children that delivered their result but had not finished exiting: tearing down a forked
+# copy of a 600 MB worker takes as long as the fork (~50 ms here), and the caller need not
+# wait for it. Reaped (WNOHANG) at the next call; a worker process that exits reaps the rest.
+_exiting: set[int] = set()
+
+
+class ChildCrashed(CorruptDocument):
+    """The child died without a result: a signal (segfault, abort) or a bare exit."""
+
+
+class SandboxError(RuntimeError):
+    """The sandbox itself failed (setting limits, reporting): not the input's fault."""
+
+
+class _ChildTraceback(Exception):
+    """The child's formatted traceback, attached as the ``__cause__`` of what it raised."""
+
+    def __str__(self) -> str:
+        return f"\n\n(in the sandboxed child process)\n{self.args[0]}"
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxLimits:
+    """``memory_bytes``: the child's ``RLIMIT_DATA`` (None: uncapped). ``wall_time_s``: killed
+    after this long (None: no limit). ``poll_interval_s``: how often ``poll`` is called."""
+
+    memory_bytes: int | None = 3 << 30
+    wall_time_s: float | None = 240.0
+    poll_interval_s: float = 0.5
+
+
+DEFAULT_LIMITS: Final = SandboxLimits()
+
+
+@dataclass(frozen=True, slots=True)
+class ChildReport:
+    """What the child measured about itself, returned beside the value by ``run_measured``."""
+
+    value: Any
+    peak_rss_bytes: int  # VmHWM
+    peak_vm_bytes: int  # VmPeak (address space)
+    fork_s: float  # parent's time spent in os.fork()
+
+
+def run_limited(
+    fn: Callable[..., T],
+    *,
+    args: tuple[Any, ...] = (),
+    kwargs: Mapping[str, Any] | None = None,
+    limits: SandboxLimits = DEFAULT_LIMITS,
+    poll: Callable[[], None] | None = None,
+    label: str = "the child",
+) -> T:
+    """``fn(*args, **kwargs)`` in a limited child; see the module docstring for outcomes.
+
+    ``fn`` and its arguments reach the child through fork; its result and any exception come
+    back pickled, so those must pickle. ``poll`` runs in
+    the parent every ``limits.poll_interval_s`` while it waits (a cancellation checkpoint):
+    whatever it raises kills the child and propagates. ``label`` names the work in messages.
+    """
+    report = _run(fn, args, dict(kwargs or {}), limits, poll, label, measure=False)
+    value: T = report.value
+    return value
+
+
+def run_measured(
+    fn: Callable[..., Any],
+    *,
+    args: tuple[Any, ...] = (),
+    kwargs: Mapping[str, Any] | None = None,
+    limits: SandboxLimits = DEFAULT_LIMITS,
+    label: str = "the child",
+) -> ChildReport:
+    """Like ``run_limited``, also returning the child's peak memory (for measurements)."""
+    return _run(fn, args, dict(kwargs or {}), limits, None, label, measure=True)
+
+
+def _run(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    limits: SandboxLimits,
+    poll: Callable[[], None] | None,
+    label: str,
+    *,
+    measure: bool,
+) -> ChildReport:
+    read_fd, write_fd = os.pipe()
+    parent_pid = os.getpid()
+    # Flush before forking, or the child's os._exit would drop (and a normal exit would
+    # duplicate) whatever sits in the parent's stdio buffers.
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    _reap_exited()
+    started = time.perf_counter()
+    # Frozen objects are skipped by the collector, so the child's collections do not touch
+    # (and copy) every page of the inherited heap. Unfrozen in the parent straight after.
+    gc.freeze()
+    try:
+        pid = os.fork()
+    finally:
+        if os.getpid() == parent_pid:
+            gc.unfreeze()
+    if pid == 0:  # the child: never returns
+        os.close(read_fd)
+        _child_main(fn, args, kwargs, limits, write_fd, parent_pid, measure)
+    fork_s = time.perf_counter() - started
+    os.close(write_fd)
+    with contextlib.suppress(OSError):
+        os.setpgid(pid, pid)  # also done in the child: whichever runs first wins the race
+    reaped: int | None = None
+    try:
+        payload, timed_out = _collect(read_fd, pid, limits, poll)
+        if timed_out:
+            _kill(pid)
+            reaped = _reap(pid, wait_s=None)
+            raise ParseTimeout(
+                f"{label} ran past its wall-time limit of {limits.wall_time_s:g} s and was stopped"
+            )
+        if payload:  # the child is exiting: let it finish on its own time
+            reaped = _reap(pid, wait_s=0)
+            if reaped is None:
+                _exiting.add(pid)
+                reaped = 0
+        else:  # no result: its exit status says why
+            reaped = _reap(pid, wait_s=_REAP_GRACE_S)
+            if reaped is None:  # closed its pipe but lives on: not ours to wait for
+                _kill(pid)
+                reaped = _reap(pid, wait_s=None)
+    finally:
+        os.close(read_fd)
+        if reaped is None:  # an exception (poll, a soft time limit) interrupted the wait
+            _kill(pid)
+            _reap(pid, wait_s=None)
+    return _outcome(payload, reaped, label=label, limits=limits, fork_s=fork_s)
+
+
+def _collect(
+    read_fd: int, pid: int, limits: SandboxLimits, poll: Callable[[], None] | None
+) -> tuple[bytes, bool]:
+    """Drain the pipe until EOF; (bytes, timed out?)."""
+    chunks: list[bytes] = []
+    deadline = None if limits.wall_time_s is None else time.monotonic() + limits.wall_time_s
+    poller = select.poll()  # not select(): a busy worker may hold fds above FD_SETSIZE
+    poller.register(read_fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+    while True:
+        wait = limits.poll_interval_s
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return b"", True
+            wait = min(wait, left)
+        if poller.poll(wait * 1000):
+            data = os.read(read_fd, _READ_CHUNK)
+            if not data:
+                return b"".join(chunks), False
+            chunks.append(data)
+        if poll is not None:
+            poll()
+
+
+def _kill(pid: int) -> None:
+    for kill in (os.killpg, os.kill):  # the group takes pandoc & co. along, when it exists
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            kill(pid, signal.SIGKILL)
+
+
+def _reap_exited() -> None:
+    for pid in list(_exiting):
+        if _reap(pid, wait_s=0) is not None:
+            _exiting.discard(pid)
+
+
+def _reap(pid: int, *, wait_s: float | None) -> int | None:
+    """The child's wait status; None if it is still running after ``wait_s`` seconds.
+    -1 when the status cannot be known (somebody else reaped it, e.g. SIGCHLD ignored)."""
+    deadline = None if wait_s is None else time.monotonic() + wait_s
+    while True:
+        try:
+            done, status = os.waitpid(pid, 0 if deadline is None else os.WNOHANG)
+        except ChildProcessError:
+            return -1
+        except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for clarity
+            continue
+        if done:
+            return status
+        if deadline is not None and time.monotonic() >= deadline:
+            return None
+        time.sleep(0.01)
+
+
+def _outcome(
+    payload: bytes, status: int, *, label: str, limits: SandboxLimits, fork_s: float
+) -> ChildReport:
+    if payload:
+        try:
+            kind, value, child_tb, rss, vm = pickle.loads(payload)  # noqa: S301 - our own child
+        except Exception as exc:  # noqa: BLE001 - a truncated result is a crash, said so below
+            raise ChildCrashed(f"{label} sent back an unreadable result ({exc!r})") from exc
+        if kind == "ok":
+            return ChildReport(value=value, peak_rss_bytes=rss, peak_vm_bytes=vm, fork_s=fork_s)
+        if kind == "memory":
+            raise MemoryLimitExceeded(_memory_message(label, limits))
+        if kind == "internal":  # our plumbing, not the input: retried like any unexpected error
+            raise SandboxError(f"{label}: the sandbox failed: {value}") from _ChildTraceback(
+                child_tb)
+        if kind == "error":
+            value.__cause__ = _ChildTraceback(child_tb)
+            raise value
+        # "unpicklable" / "base": describe it; never re-raise SystemExit & co. in the parent
+        raise ChildCrashed(f"{label} failed: {value}") from _ChildTraceback(child_tb)
+    if status != -1 and os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        if sig == signal.SIGKILL:
+            # We only send SIGKILL on timeout (handled before); this one came from the kernel.
+            raise MemoryLimitExceeded(
+                f"{label} was killed by SIGKILL, most likely by the out-of-memory killer: "
+                + _memory_message(label, limits)
+            )
+        raise ChildCrashed(f"{label} crashed with signal {_signal_name(sig)}")
+    if status != -1 and os.WIFEXITED(status):
+        code = os.WEXITSTATUS(status)
+        if code == _EXIT_MEMORY:
+            raise MemoryLimitExceeded(_memory_message(label, limits))
+        if code == _EXIT_INTERNAL:
+            raise SandboxError(f"{label}: the sandbox child failed before it could report")
+        raise ChildCrashed(f"{label} exited with status {code} without a result")
+    raise ChildCrashed(f"{label} ended without a result")
+
+
+def _memory_message(label: str, limits: SandboxLimits) -> str:
+    if limits.memory_bytes is None:
+        return f"{label} ran out of memory"
+    return f"{label} ran past its memory limit of {limits.memory_bytes / 2**20:,.0f} MiB"
+
+
+def _signal_name(sig: int) -> str:
+    try:
+        return f"{signal.Signals(sig).name} ({sig})"
+    except ValueError:
+        return str(sig)
+
+
+# --- the child ---------------------------------------------------------------------------
+
+
+def _child_main(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    limits: SandboxLimits,
+    write_fd: int,
+    parent_pid: int,
+    measure: bool,
+) -> None:
+    """Set limits, run, report, ``os._exit``. Nothing here may return or raise."""
+    exit_code = _EXIT_INTERNAL
+    try:
+        # Pre-built, so a child out of memory can still say so.
+        memory_report = pickle.dumps(("memory", None, "", 0, 0))
+        try:
+            _child_setup(limits, parent_pid)
+        except Exception as exc:  # noqa: BLE001 - reported to the parent as our failure
+            _write_all(write_fd, pickle.dumps(
+                ("internal", f"{type(exc).__name__}: {exc}", traceback.format_exc(), 0, 0)))
+            os.close(write_fd)
+            os._exit(_EXIT_OK)
+        try:
+            value = fn(*args, **kwargs)
+            rss, vm = _peaks() if measure else (0, 0)
+            result: tuple[Any, ...] = ("ok", value, "", rss, vm)
+        except MemoryError:
+            result = ("memory", None, "", 0, 0)
+        except Exception as exc:  # noqa: BLE001 - sent to the parent, raised there
+            if _caused_by_memory(exc) or _at_memory_cap(limits):
+                result = ("memory", None, "", 0, 0)
+            else:
+                result = ("error", exc, traceback.format_exc(), 0, 0)
+        except BaseException as exc:  # noqa: BLE001 - SystemExit etc.: described, not re-raised
+            result = ("base", f"{type(exc).__name__}: {exc}", traceback.format_exc(), 0, 0)
+        try:
+            payload = pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+            if result[0] == "error":
+                pickle.loads(payload)  # noqa: S301 - an exception must also rebuild (cls(*args))
+        except MemoryError:
+            payload = memory_report
+        except Exception as exc:  # noqa: BLE001 - e.g. an exception with unpicklable args
+            described = f"{type(result[1]).__name__}: {result[1]} (result not picklable: {exc})"
+            payload = pickle.dumps(("unpicklable", described, result[2], 0, 0))
+        _write_all(write_fd, payload)
+        os.close(write_fd)  # EOF now: the kernel frees our memory before it closes files
+        exit_code = _EXIT_OK
+    except MemoryError:
+        with contextlib.suppress(BaseException):
+            _write_all(write_fd, memory_report)
+        exit_code = _EXIT_MEMORY
+    finally:
+        os._exit(exit_code)
+
+
+def _child_setup(limits: SandboxLimits, parent_pid: int) -> None:
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)
+    # Die with the parent (a Celery hard time limit kills the pool process, not us).
+    _set_parent_death_signal()
+    if os.getppid() != parent_pid:  # the parent died before the line above took effect
+        os._exit(_EXIT_INTERNAL)
+    # The pool process's handlers (soft time limit, shutdown) are not ours to run.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(sig, signal.SIG_DFL)
+    if limits.memory_bytes is not None:
+        _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+        soft = limits.memory_bytes if hard == resource.RLIM_INFINITY else min(
+            limits.memory_bytes, hard)
+        resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
+
+
+def _set_parent_death_signal() -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+
+
+def _caused_by_memory(exc: BaseException) -> bool:
+    """A MemoryError anywhere in the chain (a library wrapped it in its own error)."""
+    seen: set[int] = set()
+    chain: BaseException | None = exc
+    while chain is not None and id(chain) not in seen:
+        if isinstance(chain, MemoryError):
+            return True
+        seen.add(id(chain))
+        chain = chain.__cause__ or chain.__context__
+    return False
+
+
+def _at_memory_cap(limits: SandboxLimits) -> bool:
+    """The data size is within 1/32 (at least 64 MiB) of the cap while the failed call's
+    frames, and so its allocations, are still alive: the error was an allocation failure."""
+    if limits.memory_bytes is None:
+        return False
+    data = _status_fields("VmData").get("VmData", 0)
+    return data >= limits.memory_bytes - max(64 << 20, limits.memory_bytes // 32)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            written = os.write(fd, view)
+        except OSError as exc:
+            if exc.errno == errno.EINTR:
+                continue
+            raise
+        view = view[written:]
+
+
+def _peaks() -> tuple[int, int]:
+    """(VmHWM, VmPeak) in bytes (0 where unknown)."""
+    found = _status_fields("VmHWM", "VmPeak")
+    return found.get("VmHWM", 0), found.get("VmPeak", 0)
+
+
+def _status_fields(*keys: str) -> dict[str, int]:
+    """Sizes from /proc/self/status, in bytes; {} where there is no /proc."""
+    found: dict[str, int] = {}
+    with contextlib.suppress(OSError), open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            key, _, rest = line.partition(":")
+            if key in keys:
+                found[key] = int(rest.split()[0]) * 1024
+    return found

@@ -1,0 +1,166 @@
+"""Stage work that writes its results in batches, so no document's size sets the memory of a
+worker or the length of a task.
+
+- **Embedding** reads a document's chunks a batch at a time, encodes them, and writes each
+  batch's vectors in its own short transaction (guarded by the claim: a takeover or cancel
+  rolls the batch back). A retry skips chunks already embedded by this model version, so a
+  failure loses one batch of work, not the document's. After ``embed_slice_s`` the stage hands
+  itself back to the queue (same stage, fresh attempt) and the next delivery carries on: a
+  million-chunk document never holds an embed worker for hours, and other documents' jobs
+  interleave with its slices. Vectors written before the end are invisible to search: only
+  ready documents are searched, and the document turns ready in the stage's last transaction.
+- **Large plain text** is parsed without unstructured: decoded and chunked as a stream
+  (``pipelines.textstream``), chunks inserted a batch per transaction. A re-run first deletes
+  what an earlier attempt inserted.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Final
+
+from sqlalchemy import delete, func, insert, or_, select, update
+from sqlalchemy.orm import Session
+
+from models import Chunk, Document, DocumentStatus, Stage, ledger
+from pipelines.errors import EmptyDocument
+from pipelines.hygiene import HygieneLimits
+from sluice.db import read_scope, session_scope
+from sluice.settings import get_settings
+from tasks.runner import Handoff, StageContext
+from workers import resources
+
+EMBED_BATCH_CHUNKS: Final = 256
+"""Chunks encoded and written per transaction (and between two checkpoints)."""
+TEXT_INSERT_BATCH: Final = 2000
+"""Chunks of a streamed text inserted per transaction."""
+
+
+# Embedding ----------------------------------------------------------------------------------
+
+
+def embed(ctx: StageContext, *, document_id: str) -> Handoff:
+    settings = get_settings()
+    embedder = resources.embedder()
+    version = embedder.model_version
+    slice_s = settings.embed_slice_s
+    started = time.monotonic()
+    total, done = _embed_counts(document_id, version)
+    if total == 0:
+        raise EmptyDocument("the document has no chunks to embed")
+    after_id = 0
+    last_rows: list[dict[str, Any]] = []
+    while True:
+        with read_scope() as session:
+            batch = session.execute(
+                select(Chunk.id, Chunk.text)
+                .where(Chunk.document_id == document_id, Chunk.id > after_id,
+                       _needs_embedding(version))
+                .order_by(Chunk.id).limit(EMBED_BATCH_CHUNKS)
+            ).all()
+        if not batch:
+            break
+        vectors = embedder.encode([c.text for c in batch])
+        rows = [
+            {"id": c.id, "embedding": v, "embedding_model": embedder.model_name,
+             "embedding_version": version}
+            for c, v in zip(batch, vectors, strict=True)
+        ]
+        after_id, done = batch[-1].id, done + len(batch)
+        if len(batch) < EMBED_BATCH_CHUNKS:  # the last batch: written with the outcome
+            last_rows = rows
+            break
+        with session_scope() as session:
+            ctx.guard(session)
+            session.execute(update(Chunk), rows)  # bulk UPDATE by primary key: overwrite
+        ctx.checkpoint(progress=0.4 + 0.55 * done / total)
+        if time.monotonic() - started > slice_s:
+            return ctx.finish(
+                lambda session: ledger.advance(session, ctx.claim, next_stage=Stage.EMBED),
+                then=Stage.EMBED,
+            )
+
+    def persist(session: Session) -> bool:
+        if last_rows:
+            session.execute(update(Chunk), last_rows)
+        session.execute(
+            update(Document).where(Document.id == document_id).values(
+                status=DocumentStatus.READY, chunk_count=total, error_code=None,
+                error_message=None,
+            )
+        )
+        return ledger.succeed(session, ctx.claim, result={"document_id": document_id,
+                                                          "chunks": total})
+
+    return ctx.finish(persist)
+
+
+def _needs_embedding(version: str) -> Any:
+    return or_(Chunk.embedding.is_(None), Chunk.embedding_version.is_(None),
+               Chunk.embedding_version != version)
+
+
+def _embed_counts(document_id: str, version: str) -> tuple[int, int]:
+    """(chunks of the document, chunks already embedded by `version`)."""
+    with read_scope() as session:
+        total = session.scalar(select(func.count()).select_from(Chunk)
+                               .where(Chunk.document_id == document_id)) or 0
+        pending = session.scalar(select(func.count()).select_from(Chunk)
+                                 .where(Chunk.document_id == document_id,
+                                        _needs_embedding(version))) or 0
+    return total, total - pending
+
+
+# Large plain text -------------------------------------------------------------------------------
+
+
+def parse_large_text(
+    ctx: StageContext, *, path: Path, filename: str, document_id: str,
+    hygiene_limits: HygieneLimits,
+) -> Handoff | None:
+    """Parse a plain-text file above the streaming threshold as a stream; None for anything
+    else (the regular parse handles it)."""
+    from pipelines import textstream
+
+    settings = get_settings()
+    size = path.stat().st_size
+    if size < settings.stream_text_over_bytes or not textstream.is_plain_text(
+            path, filename=filename):
+        return None
+    with path.open("rb") as handle:
+        encoding = textstream.detect_encoding(handle.read(textstream.SAMPLE_BYTES))
+    textstream.check_sample(path, filename=filename, encoding=encoding, limits=hygiene_limits)
+    with session_scope() as session:  # a re-run replaces what an earlier attempt inserted
+        ctx.guard(session)
+        session.execute(delete(Chunk).where(Chunk.document_id == document_id))
+
+    rows: list[dict[str, Any]] = []
+    count = chars = 0
+    for draft in textstream.chunk_file(path, encoding=encoding,
+                                       max_words=settings.chunk_max_words):
+        rows.append({"workspace_id": ctx.workspace_id, "document_id": document_id,
+                     "ord": draft.order, "text": draft.text, "page": None, "section": None,
+                     "meta": draft.metadata})
+        count, chars = count + 1, chars + len(draft.text)
+        if len(rows) == TEXT_INSERT_BATCH:
+            with session_scope() as session:
+                ctx.guard(session)
+                session.execute(insert(Chunk), rows)
+            rows = []
+            ctx.checkpoint(progress=min(0.39, 0.4 * chars / size))
+    if count == 0:
+        raise EmptyDocument(f"{filename!r} contains no text to index")
+    final_rows = rows
+
+    def persist(session: Session) -> bool:
+        if final_rows:
+            session.execute(insert(Chunk), final_rows)
+        session.execute(
+            update(Document).where(Document.id == document_id).values(
+                chunk_count=count, content_type=f"text/plain; charset={encoding}",
+            )
+        )
+        return ledger.advance(session, ctx.claim, next_stage=Stage.EMBED)
+
+    return ctx.finish(persist, then=Stage.EMBED)
