@@ -15,6 +15,19 @@ from sqlalchemy.orm import Session
 
 Ranking = list[tuple[int, float]]
 
+# CROSS JOIN fixes the join order: the full-text index drives and each hit is checked by primary
+# key. Left to itself, SQLite scans the workspace's chunks and runs the MATCH once per chunk:
+# 10.4 s instead of 0.06 s per query at 11,498 chunks (SciFact).
+SQLITE_FULLTEXT = """
+    SELECT f.rowid, -bm25(chunk_fts) AS score
+    FROM chunk_fts f
+    CROSS JOIN chunks c ON c.id = f.rowid
+    CROSS JOIN documents d ON d.id = c.document_id
+    WHERE chunk_fts MATCH :match AND c.workspace_id = :ws AND d.status = 'ready'
+    ORDER BY bm25(chunk_fts)
+    LIMIT :k
+"""
+
 
 def dense_search(session: Session, *, workspace_id: str, vector: np.ndarray, limit: int) -> Ranking:
     """(chunk id, cosine similarity) best first."""
@@ -80,17 +93,7 @@ def fulltext_search(
         return [(int(r[0]), float(r[1])) for r in rows]
     match = " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)
     rows = session.execute(
-        text(
-            """
-            SELECT f.rowid, -bm25(chunk_fts) AS score
-            FROM chunk_fts f
-            JOIN chunks c ON c.id = f.rowid
-            JOIN documents d ON d.id = c.document_id
-            WHERE chunk_fts MATCH :match AND c.workspace_id = :ws AND d.status = 'ready'
-            ORDER BY bm25(chunk_fts)
-            LIMIT :k
-            """
-        ),
+        text(SQLITE_FULLTEXT),
         {"match": match, "ws": workspace_id, "k": limit},
     )
     return [(int(r[0]), float(r[1])) for r in rows]
