@@ -48,6 +48,14 @@ class DocumentList(BaseModel):
     offset: int
 
 
+class PartsOut(BaseModel):
+    """A job split into parts (a large PDF, a job per page range): how many are done."""
+
+    total: int
+    done: int
+    failed: int
+
+
 class JobOut(BaseModel):
     id: str
     kind: str
@@ -61,6 +69,14 @@ class JobOut(BaseModel):
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None
+    request_id: str | None = Field(
+        default=None, description="The X-Request-ID of the request that created the job: grep "
+        "the logs for it to follow the job through every stage.")
+    parts: PartsOut | None = Field(
+        default=None, description="Set on a job split into parts (state `waiting` while they "
+        "run); list them with `GET /v1/jobs?parent=ID`.")
+    parent_id: str | None = Field(default=None, description="Set on a part: the job it is "
+                                  "a part of.")
 
 
 class AnswerRequest(BaseModel):

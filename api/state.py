@@ -15,9 +15,8 @@ if TYPE_CHECKING:
 _lock = threading.Lock()
 
 
-@lru_cache(maxsize=1)
 def blob_store() -> BlobStore:
-    return BlobStore(get_settings().resolved_blob_dir)
+    return BlobStore(get_settings().resolved_blob_dir)  # cheap; follows the current settings
 
 
 @lru_cache(maxsize=1)

@@ -47,6 +47,7 @@ class DocumentStatus(StrEnum):
 
 class JobKind(StrEnum):
     INGEST = "ingest"
+    INGEST_PART = "ingest_part"  # one page range of a large PDF, parsed for its parent ingest
     ANSWER = "answer"
 
 
@@ -58,6 +59,7 @@ class Stage(StrEnum):
 
 class JobState(StrEnum):
     QUEUED = "queued"
+    WAITING = "waiting"  # split into parts: neither published nor run until they are done
     RUNNING = "running"
     RETRYING = "retrying"
     SUCCEEDED = "succeeded"
@@ -101,7 +103,11 @@ class Document(Base):
 
 class Chunk(Base):
     __tablename__ = "chunks"
-    __table_args__ = (Index("ix_chunks_document_ord", "document_id", "ord"),)
+    __table_args__ = (
+        Index("ix_chunks_document_ord", "document_id", "ord"),
+        # The re-embed sweep finds chunks of another model version through this index.
+        Index("ix_chunks_embedding_version", "embedding_version"),
+    )
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
     workspace_id: Mapped[str] = mapped_column(ForeignKey("workspaces.id"), index=True)
@@ -142,7 +148,14 @@ class Job(Base):
     error_message: Mapped[str | None] = mapped_column(Text)
     worker: Mapped[str | None] = mapped_column(String(255))
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
-    request_id: Mapped[str | None] = mapped_column(String(64))
+    request_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    # A part (models.ledger's fan-in): the job it was split from; a parent counts its parts.
+    # No foreign key: SQLite cannot add one to a table in place (see migration 0006), and a
+    # parent is only deleted once final, after its parts were; retention purges orphans.
+    parent_id: Mapped[str | None] = mapped_column(String(36), index=True)
+    parts_total: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    parts_done: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    parts_failed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     published_at: Mapped[datetime | None]
@@ -207,3 +220,18 @@ class JobEvent(Base):
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class MaintenanceLock(Base):
+    """One row per periodic task: who holds it now (a lease taken by compare-and-set, so a
+    second beat or a duplicate message cannot run the task twice at once) and how its last
+    run ended."""
+
+    __tablename__ = "maintenance_locks"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str | None] = mapped_column(String(255))
+    expires_at: Mapped[datetime | None]
+    acquired_at: Mapped[datetime | None]
+    last_finished_at: Mapped[datetime | None]
+    last_result: Mapped[dict[str, Any] | None] = mapped_column(JSONType)

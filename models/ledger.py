@@ -11,17 +11,29 @@ guards (chunks written + job advanced) in one short transaction, then publishes 
        │                 │  ├──retry────▶ retrying ──▶ running ...
        │                 │  ├──retry────▶ dead        (retries exhausted)
        └──replay─────────┴──┴──cancel───▶ cancelled
+
+A running job may also `split` into parts (a large PDF into page ranges): it waits, and each
+part is a job of its own. The parent counts its parts in `parts_done` / `parts_failed`, moved
+in the same transaction as each part's final transition (or its replay), always with the
+parent's row locked first; the transaction whose count completes the set moves the parent on:
+
+    running ──split──▶ waiting ──all parts succeeded──▶ queued (next stage)
+                          ├──all settled, one failed──▶ failed (part_failed)
+                          └──cancel───────────────────▶ cancelled (its parts too)
+    failed (part_failed) ──a failed part replayed──▶ waiting
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import insert, literal, or_, select, update
 from sqlalchemy.orm import Session
 
+from models import documents
 from models.entities import (
     FINAL_STATES,
     Job,
@@ -32,8 +44,15 @@ from models.entities import (
     Stage,
     utcnow,
 )
+from sluice.logs import current_request_id
 
 STARTABLE = (JobState.QUEUED, JobState.RETRYING)
+PART_FAILED = "part_failed"
+# The stage a parent goes on to once every part succeeded, by the stage it split at.
+AFTER_PARTS = {Stage.PARSE: Stage.EMBED}
+PARTS_PROGRESS_SHARE = 0.4  # of a parent's progress (parse's share of an ingest)
+FAILED_PARTS_LISTED = 10
+SETTLED_FAILED = (JobState.FAILED, JobState.DEAD, JobState.CANCELLED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,14 +73,19 @@ def create_job(
     document_id: str | None = None,
     payload: dict[str, Any] | None = None,
     request_id: str | None = None,
+    parent_id: str | None = None,
 ) -> Job:
+    """Queue a new job. `request_id` (default: the current request's, from the log context)
+    follows the job through every stage's messages and log lines. A part is created by
+    `split`, which sets `parent_id`."""
     job = Job(
         workspace_id=workspace_id,
         kind=kind,
         stage=stage,
         document_id=document_id,
         payload=payload or {},
-        request_id=request_id,
+        request_id=request_id or current_request_id(),
+        parent_id=parent_id,
         state=JobState.QUEUED,
     )
     session.add(job)
@@ -174,6 +198,9 @@ def advance(session: Session, claim: Claim, *, next_stage: Stage) -> bool:
 
 
 def succeed(session: Session, claim: Claim, *, result: dict[str, Any] | None = None) -> bool:
+    parent = _lock_parent(session, claim.job_id)
+    if parent is not None:
+        return _succeed_part(session, claim, parent, result) is not None
     ok = _cas(
         session,
         claim.job_id,
@@ -190,6 +217,7 @@ def fail(
     session: Session, claim: Claim, *, code: str, message: str, traceback: str | None = None
 ) -> bool:
     """A permanent failure: never retried."""
+    parent = _lock_parent(session, claim.job_id)
     ok = _cas(
         session,
         claim.job_id,
@@ -200,6 +228,8 @@ def fail(
     if ok:
         _end_attempt(session, claim, outcome="failed", code=code, message=message,
                      traceback=traceback)
+        if parent is not None:
+            _count(session, parent, failed=1)
     return ok
 
 
@@ -214,11 +244,19 @@ def retry_or_bury(
     traceback: str | None = None,
 ) -> JobState | None:
     """A transient failure: `retrying` (due after `delay_s`) while retries remain, else `dead`.
-    Returns the new state, or None when the claim was no longer held."""
+    A job that was asked to cancel during the attempt ends `cancelled` instead: it would never
+    start again, only be republished forever. Returns the new state, or None when the claim
+    was no longer held."""
+    parent = _lock_parent(session, claim.job_id)
+    job = session.get(Job, claim.job_id, with_for_update=True, populate_existing=True)
     exhausted = claim.attempt > max_retries
     state = JobState.DEAD if exhausted else JobState.RETRYING
     values: dict[str, Any] = {"state": state, "error_code": code, "error_message": message}
-    if exhausted:
+    if job is not None and job.cancel_requested:
+        state = JobState.CANCELLED
+        values = {"state": state, "finished_at": utcnow(), "error_code": "cancelled",
+                  "error_message": f"cancelled while running (the attempt then failed: {code})"}
+    elif exhausted:
         values["finished_at"] = utcnow()
     else:
         values["retry_at"] = utcnow() + timedelta(seconds=delay_s)
@@ -226,6 +264,8 @@ def retry_or_bury(
     if not _cas(session, claim.job_id, _held(claim), values):
         return None
     _end_attempt(session, claim, outcome=state, code=code, message=message, traceback=traceback)
+    if parent is not None and state != JobState.RETRYING:
+        _count(session, parent, failed=1)
     return state
 
 
@@ -242,8 +282,11 @@ def release(session: Session, claim: Claim) -> bool:
 
 def cancel(session: Session, *, job_id: str) -> JobState | None:
     """Cancel a job: at once when it has not started, at its next checkpoint when running.
-    Returns the state after the request, None for an unknown job."""
-    job = session.get(Job, job_id, with_for_update=True)
+    Returns the state after the request, None for an unknown job. A parent waiting for its
+    parts is cancelled with them, and its document's chunks go (as a running ingest's do at
+    its next checkpoint); a part cancelled on its own fails its parent."""
+    parent = _lock_parent(session, job_id)
+    job = session.get(Job, job_id, with_for_update=True, populate_existing=True)
     if job is None:
         return None
     state = JobState(job.state)
@@ -256,12 +299,17 @@ def cancel(session: Session, *, job_id: str) -> JobState | None:
     if _cas(session, job_id, [Job.state == state, Job.attempt == job.attempt],
             {"state": JobState.CANCELLED, "cancel_requested": True, "finished_at": utcnow(),
              "error_code": "cancelled", "error_message": "cancelled before it started"}):
+        if parent is not None:
+            _count(session, parent, failed=1)
+        if state == JobState.WAITING:
+            _cancel_parts(session, job)
         return JobState.CANCELLED
     return JobState(session.get(Job, job_id, populate_existing=True).state)  # type: ignore[union-attr]
 
 
 def acknowledge_cancel(session: Session, claim: Claim) -> bool:
     """A running job stopped at a checkpoint after a cancel request."""
+    parent = _lock_parent(session, claim.job_id)
     ok = _cas(
         session,
         claim.job_id,
@@ -271,20 +319,192 @@ def acknowledge_cancel(session: Session, claim: Claim) -> bool:
     )
     if ok:
         _end_attempt(session, claim, outcome="cancelled", code="cancelled")
+        if parent is not None:
+            _count(session, parent, failed=1)
     return ok
 
 
 def replay(session: Session, *, job_id: str) -> bool:
     """Put a dead (or failed) job back in the queue at the stage it ended in, keeping its
-    attempt history."""
-    return _cas(
+    attempt history.
+
+    A replayed part no longer counts as failed: its parent, failed for it, waits again. A
+    part of a cancelled parent is not replayed, nor is a parent failed by its parts (replay
+    those parts instead)."""
+    parent = _lock_parent(session, job_id)
+    if parent is not None and not _may_wait_again(parent):
+        return False
+    ok = _cas(
         session,
         job_id,
-        [Job.state.in_((JobState.DEAD, JobState.FAILED))],
+        [Job.state.in_((JobState.DEAD, JobState.FAILED)),
+         or_(Job.error_code.is_(None), Job.error_code != PART_FAILED)],
         {"state": JobState.QUEUED, "attempt": 0, "replayed_at": utcnow(), "finished_at": None,
          "published_at": None, "error_code": None, "error_message": None,
          "cancel_requested": False},
     )
+    if ok and parent is not None:
+        _count(session, parent, failed=-1)
+    return ok
+
+
+# --- Fan-in: a job split into parts -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FanIn:
+    """A parent's counters after one of its parts settled (or was replayed)."""
+
+    parent_id: str
+    total: int
+    done: int
+    failed: int
+    released: str | None = None
+    """The stage this transition queued the parent at (it was the last part): publish the
+    parent's message for it after commit."""
+
+
+def split(
+    session: Session, claim: Claim, *, parts: Sequence[Mapping[str, Any]],
+    kind: JobKind = JobKind.INGEST_PART,
+) -> list[str] | None:
+    """Park the running job of `claim` as a parent that waits for one new part job per payload
+    in `parts`, queued at the claim's stage (publish them after commit). Returns the parts'
+    ids; None, with nothing created, when the claim is no longer held or a cancel was
+    requested."""
+    if claim.stage not in AFTER_PARTS or not parts:
+        raise ValueError(f"a job cannot split into {len(parts)} parts at stage {claim.stage!r}")
+    if not _cas(session, claim.job_id, [*_held(claim), Job.cancel_requested.is_(False)],
+                {"state": JobState.WAITING, "parts_total": len(parts), "parts_done": 0,
+                 "parts_failed": 0, "progress": 0.0, "published_at": None}):
+        return None
+    _end_attempt(session, claim, outcome="split")
+    workspace_id, request_id = session.execute(
+        select(Job.workspace_id, Job.request_id).where(Job.id == claim.job_id)).one()
+    return [
+        create_job(session, workspace_id=workspace_id, kind=kind, stage=Stage(claim.stage),
+                   payload=dict(payload), request_id=request_id, parent_id=claim.job_id).id
+        for payload in parts
+    ]
+
+
+def succeed_part(
+    session: Session, claim: Claim, *, result: dict[str, Any] | None = None
+) -> FanIn | None:
+    """`succeed` for a part, counted on its parent: the returned counters say whether this
+    was the last part (`released`). None when the claim is no longer held, a cancel was
+    requested, or the parent no longer waits (it was cancelled, and so was this part):
+    whatever the caller wrote with it must roll back."""
+    parent = _lock_parent(session, claim.job_id)
+    if parent is None:
+        raise ValueError(f"job {claim.job_id} is not a part")
+    return _succeed_part(session, claim, parent, result)
+
+
+def parent_waits(session: Session, job_id: str) -> bool:
+    """Lock part `job_id`'s parent (first, as every transition of a part does) and say whether
+    it still waits for its parts. Call it before writing a part's results, so that nothing
+    is written for a parent that was cancelled meanwhile."""
+    parent = _lock_parent(session, job_id)
+    return parent is not None and parent.state == JobState.WAITING
+
+
+def _succeed_part(
+    session: Session, claim: Claim, parent: Job, result: dict[str, Any] | None
+) -> FanIn | None:
+    if parent.state != JobState.WAITING:
+        return None
+    if not _cas(
+        session,
+        claim.job_id,
+        [*_held(claim), Job.cancel_requested.is_(False)],
+        {"state": JobState.SUCCEEDED, "result": result, "finished_at": utcnow(),
+         "progress": 1.0, "error_code": None, "error_message": None},
+    ):
+        return None
+    _end_attempt(session, claim, outcome="succeeded")
+    return _count(session, parent, done=1)
+
+
+def _lock_parent(session: Session, job_id: str) -> Job | None:
+    """The parent of part `job_id`, its row locked for this transaction (None for a job that
+    is not a part). Every transition of a part locks its parent before the part, and a
+    parent's cancel locks the parent before its parts: one order, no deadlock, and the
+    counter's read-modify-write is serialised (SQLite's write lock does the same)."""
+    parent_id = session.scalar(select(Job.parent_id).where(Job.id == job_id))
+    if parent_id is None:
+        return None
+    return session.get(Job, parent_id, with_for_update=True, populate_existing=True)
+
+
+def _count(session: Session, parent: Job, *, done: int = 0, failed: int = 0) -> FanIn:
+    """Move the parent's counters; when they complete the set, move the parent on: queued at
+    its next stage when every part succeeded, failed (`part_failed`) when one did not."""
+    total, done_now, failed_now = session.execute(
+        update(Job).where(Job.id == parent.id)
+        .values(parts_done=Job.parts_done + done, parts_failed=Job.parts_failed + failed)
+        .returning(Job.parts_total, Job.parts_done, Job.parts_failed)
+        .execution_options(synchronize_session=False)
+    ).one()
+    fan = FanIn(parent_id=parent.id, total=total, done=done_now, failed=failed_now)
+    if failed < 0 and parent.state == JobState.FAILED and parent.error_code == PART_FAILED:
+        # A failed part was replayed: the parent waits for it again.
+        if _cas(session, parent.id, [Job.state == JobState.FAILED],
+                {"state": JobState.WAITING, "finished_at": None, "error_code": None,
+                 "error_message": None}) and parent.document_id is not None:
+            documents.mark_requeued(session, document_id=parent.document_id)
+        return fan
+    if parent.state != JobState.WAITING:
+        return fan  # cancelled: the count is kept true, nothing moves
+    waiting = [Job.state == JobState.WAITING]
+    if done_now == total:
+        next_stage = AFTER_PARTS[Stage(parent.stage)]
+        if _cas(session, parent.id, waiting,
+                {"state": JobState.QUEUED, "stage": next_stage, "attempt": 0,
+                 "published_at": None, "progress": PARTS_PROGRESS_SHARE}):
+            return replace(fan, released=next_stage)
+    elif done_now + failed_now == total:
+        message = _failed_parts_message(session, parent.id, failed=failed_now, total=total)
+        if _cas(session, parent.id, waiting,
+                {"state": JobState.FAILED, "error_code": PART_FAILED, "error_message": message,
+                 "finished_at": utcnow()}) and parent.document_id is not None:
+            documents.mark_failed(session, document_id=parent.document_id, code=PART_FAILED,
+                                  message=message)
+    elif done:
+        _cas(session, parent.id, waiting,
+             {"progress": PARTS_PROGRESS_SHARE * done_now / total})
+    return fan
+
+
+def _may_wait_again(parent: Job) -> bool:
+    return parent.state == JobState.WAITING or (
+        parent.state == JobState.FAILED and parent.error_code == PART_FAILED)
+
+
+def _cancel_parts(session: Session, parent: Job) -> None:
+    part_ids = session.scalars(
+        select(Job.id).where(Job.parent_id == parent.id, Job.state.not_in(FINAL_STATES))
+        .order_by(Job.id)
+    ).all()
+    for part_id in part_ids:
+        cancel(session, job_id=part_id)
+    if parent.document_id is not None:
+        documents.mark_cancelled(session, document_id=parent.document_id)
+
+
+def _failed_parts_message(session: Session, parent_id: str, *, failed: int, total: int) -> str:
+    rows = session.execute(
+        select(Job.id, Job.payload, Job.error_code, Job.error_message)
+        .where(Job.parent_id == parent_id, Job.state.in_(SETTLED_FAILED))
+        .order_by(Job.created_at, Job.id)
+        .limit(FAILED_PARTS_LISTED)
+    ).all()
+    listed = "; ".join(
+        f"{(payload or {}).get('label') or part_id} ({code}: {(message or '')[:200]})"
+        for part_id, payload, code, message in rows
+    )
+    more = f"; and {failed - len(rows)} more" if failed > len(rows) else ""
+    return f"{failed} of {total} parts failed: {listed}{more}"
 
 
 def jobs_needing_publish(

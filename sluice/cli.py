@@ -12,6 +12,8 @@ from typing import Any
 import click
 import httpx
 
+from tasks.names import PERIODIC_TASKS
+
 DEFAULT_API = "http://127.0.0.1:8000"
 INGESTABLE_SKIP = {".DS_Store"}
 
@@ -78,13 +80,16 @@ def up(host: str, port: int, data_dir: Path | None) -> None:
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option("-Q", "--queue", "queue", required=True,
               type=click.Choice(["parse", "embed", "answer", "maintenance"]))
+@click.option("--metrics-port", type=int, default=None,
+              help="Serve this worker's Prometheus metrics on this port (for a worker on "
+              "another machine than the API, whose /metrics covers its own machine).")
 @click.pass_context
-def worker(ctx: click.Context, queue: str) -> None:
+def worker(ctx: click.Context, queue: str, metrics_port: int | None) -> None:
     """Run a Celery worker for one queue with its pool (extra args go to `celery worker`)."""
     from sluice import processes
 
     argv = processes.worker_command(queue, extra=ctx.args)
-    os.environ.update(processes.WORKER_ENV)
+    os.environ.update(processes.worker_env(metrics_port=metrics_port))
     os.execv(argv[0], argv)
 
 
@@ -346,5 +351,66 @@ def dlq_purge(job_id: str | None, queue: str | None, code: str | None, since: st
     click.echo(f"discarded {len(ids)} job(s)")
 
 
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object.")
+@click.option("--timeout", default=1.0, show_default=True, type=float,
+              help="Seconds to wait for workers to answer.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None)
+def status(as_json: bool, timeout: float, data_dir: Path | None) -> None:
+    """Queues (depth, oldest wait, workers), workers and their current jobs, dead letters.
+
+    Reads the database and asks the workers over the broker directly (not through the API);
+    use the same SLUICE_* settings as the deployment."""
+    _set_data_dir(data_dir)
+    from sluice.status import system_status
+
+    report = system_status(timeout=timeout)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    db = report.database
+    click.echo(f"ready: {'yes' if report.ready else 'NO'}   "
+               f"database: {'ok' if db.ok else db.error} (revision {db.revision}, "
+               f"head {db.head})   broker: {'ok' if report.broker.ok else report.broker.error}")
+    click.echo(f"\n{'QUEUE':<12} {'QUEUED':>7} {'RETRYING':>9} {'RUNNING':>8} "
+               f"{'OLDEST WAIT':>12}  WORKERS")
+    for name, q in report.queues.items():
+        age = "-" if q.oldest_queued_age_s is None else f"{q.oldest_queued_age_s:.1f}s"
+        click.echo(f"{name:<12} {q.queued:>7} {q.retrying:>9} {q.running:>8} {age:>12}  "
+                   f"{', '.join(q.workers) or 'NONE'}")
+    click.echo(f"\nWORKERS ({len(report.workers)} answering)")
+    for w in report.workers:
+        click.echo(f"  {w.hostname}  queues: {', '.join(w.queues)}")
+        for task in w.active or []:
+            click.echo(f"    active: {task.stage or task.task} job {task.job_id or '-'} "
+                       f"(task {task.task_id})")
+    click.echo(f"\nRUNNING JOBS ({report.running_total} in the ledger)")
+    for job in report.running_jobs:
+        beat = "-" if job.heartbeat_age_s is None else f"{job.heartbeat_age_s:.1f}s ago"
+        note = "" if job.worker_answering else "  (worker not answering)"
+        click.echo(f"  {job.job_id}  {job.stage:<7} attempt {job.attempt}  on {job.worker}  "
+                   f"heartbeat {beat}{note}")
+    click.echo(f"\ndead letters: {report.dead_letters}")
+
+
 if __name__ == "__main__":
     main()
+
+
+@main.group()
+def maintenance() -> None:
+    """Housekeeping that beat runs on the maintenance queue."""
+
+
+@maintenance.command("run")
+@click.argument("entry", type=click.Choice(sorted(PERIODIC_TASKS)))
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None)
+def maintenance_run(entry: str, data_dir: Path | None) -> None:
+    """Run one beat entry now, in this process (under the task's lease, so never beside a
+    run already going on); print its result as JSON."""
+    _set_data_dir(data_dir)
+    import tasks.maintenance  # noqa: F401  (registers the tasks)
+    from workers.app import app
+
+    result = app.tasks[PERIODIC_TASKS[entry]]()
+    click.echo(json.dumps(result, indent=2, sort_keys=True, default=str))

@@ -15,6 +15,10 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from sluice import metrics
+from sluice.settings import get_settings
 
 log = logging.getLogger("sluice.up")
 
@@ -84,6 +88,8 @@ class Supervisor:
     def run(self) -> int:
         signal.signal(signal.SIGINT, self._request_stop)
         signal.signal(signal.SIGTERM, self._request_stop)
+        if metrics.MULTIPROC_ENV in self.env:  # a fresh set of processes: fresh metric files
+            metrics.reset_dir(Path(self.env[metrics.MULTIPROC_ENV]))
         for child in self.children:
             child.start(self.env)
         code = 0
@@ -134,7 +140,28 @@ API_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 
 
 def child_env(overrides: dict[str, str]) -> dict[str, str]:
+    """The environment of the API and worker processes of this machine: they share one
+    metrics directory (set before prometheus_client is imported in any of them), so the API's
+    /metrics includes the workers' counters."""
     env = dict(os.environ)
     env.update(WORKER_ENV)
+    shared = metrics.metrics_dir(get_settings())
+    shared.mkdir(parents=True, exist_ok=True)
+    env[metrics.MULTIPROC_ENV] = str(shared)
     env.update(overrides)
+    return env
+
+
+def worker_env(*, metrics_port: int | None = None) -> dict[str, str]:
+    """What `sluice worker` adds to its environment before it becomes the Celery worker: the
+    machine's shared metrics directory, or with `metrics_port` a private one that the worker
+    serves itself on that port (its main process keeps this process's pid)."""
+    env = dict(WORKER_ENV)
+    shared = metrics.metrics_dir(get_settings())
+    if metrics_port is None:
+        shared.mkdir(parents=True, exist_ok=True)
+        env[metrics.MULTIPROC_ENV] = str(shared)
+    else:
+        env[metrics.MULTIPROC_ENV] = str(metrics.private_dir(shared, os.getpid()))
+        env["SLUICE_WORKER_METRICS_PORT"] = str(metrics_port)
     return env

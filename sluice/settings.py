@@ -55,6 +55,11 @@ class Settings(BaseSettings):
     # Parsing and chunking
     chunk_max_words: int = 160
     pdf_strategy: str = "fast"
+    pdf_part_pages: int | None = Field(
+        default=40, ge=1, description="A PDF with more pages is parsed in parts of this many "
+        "pages, one job each, in parallel across parse workers (tasks.parts); `none` parses "
+        "every PDF whole."
+    )
     parse_languages: list[str] | None = Field(
         default=None, description='ISO 639-3 codes, e.g. ["eng"]; skips per-element language '
         "detection when the corpus language is known."
@@ -66,6 +71,52 @@ class Settings(BaseSettings):
         default=None, description="CoNLL-U treebank to train the tagger from when none exists."
     )
     max_upload_bytes: int = 512 * 1024 * 1024
+    stream_text_over_bytes: int = Field(
+        default=32 * 1024 * 1024, description="Plain text larger than this is decoded and "
+        "chunked as a stream (bounded memory) instead of being partitioned whole."
+    )
+
+    # Hostile and huge inputs (docs/parsing.md): limits checked before a parser opens a file,
+    # and the sandboxed child process each parse runs in. `none` turns a limit off.
+    parse_sandbox: bool = Field(
+        default=True, description="Parse each document in a forked child with the memory and "
+        "wall-time limits below; off only to debug a parser in-process (Linux; needs fork)."
+    )
+    parse_memory_limit_mb: int | None = Field(
+        default=3072, ge=256, description="The parse child's RLIMIT_DATA (heap and private "
+        "mappings, ~700 MB of it inherited from the worker); over it: `memory_limit`."
+    )
+    parse_wall_time_s: float | None = Field(
+        default=240.0, gt=0, description="The parse child is killed after this long: "
+        "`timeout`. Must be below parse_soft_time_limit_s."
+    )
+    max_archive_uncompressed_mb: int = Field(
+        default=1024, ge=1, description="Total declared uncompressed size of a zip container "
+        "(docx, xlsx, pptx, epub, odt, zip); over it: `archive_bomb`."
+    )
+    max_archive_entries: int = Field(default=10_000, ge=1)
+    max_compression_ratio: float = Field(
+        default=100.0, gt=1, description="Per entry and overall, for entries/archives over "
+        "1 MiB uncompressed (real documents in the test corpus reach 40)."
+    )
+    max_image_pixels: int = Field(default=89_478_485, ge=1, description="Over it: `too_large`.")
+    max_pdf_pages: int | None = Field(default=2000, ge=1, description="Over it: `too_many_pages`.")
+    garbage_max_bad_ratio: float = Field(
+        default=0.10, ge=0, le=1, description="Share of replacement/control/unassigned "
+        "characters above which extracted text is `garbage_text`."
+    )
+    garbage_min_alnum_ratio: float = Field(
+        default=0.20, ge=0, le=1, description="Share of letters and digits (any script) below "
+        "which extracted text is `garbage_text`."
+    )
+
+    @model_validator(mode="after")
+    def _parse_wall_time_below_soft_limit(self) -> Settings:
+        wall, soft = self.parse_wall_time_s, self.parse_soft_time_limit_s
+        if wall is not None and soft is not None and wall >= soft:
+            raise ValueError(f"parse_wall_time_s {wall:g}s must be below the soft time limit "
+                             f"{soft}s, so the parse child is stopped before the task is")
+        return self
 
     # Retrieval and answers
     search_candidates: int = 50
@@ -95,13 +146,57 @@ class Settings(BaseSettings):
     # limit of `none` leaves only the hard limit (the child process is killed).
     parse_soft_time_limit_s: int | None = 300
     parse_time_limit_s: int = 330
+    embed_slice_s: float = Field(
+        default=120.0, gt=0, description="An embed stage that has run this long commits its "
+        "progress and requeues itself (other jobs interleave; no worker is held for hours)."
+    )
     embed_soft_time_limit_s: int | None = 600
     embed_time_limit_s: int = 630
     answer_soft_time_limit_s: int | None = 60
     answer_time_limit_s: int = 75
 
+    # Housekeeping run by beat on the `maintenance` queue. An interval of `none` leaves a task
+    # out of the beat schedule; a retention or grace of 0 or `none` keeps those rows forever.
+    retention_interval_s: float | None = Field(default=3600.0, gt=0)
+    job_retention_days: float | None = Field(
+        default=30.0, ge=0, description="Succeeded and cancelled jobs (with their attempts and "
+        "events) are deleted this long after they finished. Ingest jobs of documents that "
+        "still exist are kept: they are the document's status."
+    )
+    dead_letter_retention_days: float | None = Field(
+        default=90.0, ge=0, description="Dead and failed jobs (the replayable ones) are deleted "
+        "this long after they finished."
+    )
+    idempotency_key_retention_hours: float | None = Field(default=24.0, ge=0)
+    orphan_blob_grace_hours: float | None = Field(
+        default=24.0, ge=0, description="A blob no document references is deleted once its "
+        "file is this old (an upload writes its blob before its document row commits)."
+    )
+    purge_batch_size: int = Field(default=500, ge=1)
+    reembed_interval_s: float | None = Field(default=60.0, gt=0)
+    reembed_chunks_per_run: int = Field(
+        default=1000, ge=1, description="Chunks re-embedded per sweep run (whole documents, "
+        "so a run may exceed it by one document)."
+    )
+    dead_letter_digest_interval_s: float | None = Field(default=3600.0, gt=0)
+    dead_letter_webhook_url: str | None = Field(
+        default=None, description="POST the dead-letter digest (JSON) here when new jobs died."
+    )
+    dead_letter_webhook_timeout_s: float = Field(default=5.0, gt=0)
+
     flower_basic_auth: str | None = Field(
         default=None, description="user:password for Flower; required outside the embedded mode."
+    )
+
+    # Metrics (Prometheus): prometheus_client's multiprocess files of this machine's processes.
+    metrics_dir: Path | None = Field(
+        default=None, description="Where API and worker processes write their metric files "
+        "(exported to them as PROMETHEUS_MULTIPROC_DIR); default: data_dir/metrics."
+    )
+    worker_metrics_port: int | None = Field(
+        default=None, ge=1, le=65535, description="A worker serves its own metrics on this "
+        "port from its main process (`sluice worker --metrics-port`), for workers on another "
+        "machine than the API."
     )
 
     log_level: str = "INFO"

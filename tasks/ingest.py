@@ -5,19 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from celery import Task
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import delete, insert, update
 from sqlalchemy.orm import Session
 
 from models import Chunk, Document, DocumentStatus, Stage, documents, ledger
 from pipelines.errors import EmptyDocument, PermanentError
 from sluice.db import session_scope
 from sluice.settings import get_settings
-from tasks import names
+from tasks import batches, names, parts, sandboxed
 from tasks.runner import Handoff, StageContext, run_stage
 from workers import resources
 from workers.app import app
-
-EMBED_BATCH_CHUNKS = 256  # chunks encoded between two checkpoints
 
 
 @app.task(name=names.PARSE_DOCUMENT, bind=True)
@@ -33,6 +31,8 @@ def embed_document(self: Task, job_id: str) -> str:
 
 
 def _parse(ctx: StageContext) -> Handoff:
+    if parts.is_part(ctx):  # one page range of a large PDF (tasks.parts)
+        return parts.parse_part(ctx)
     from pipelines.chunking import chunk_elements
     from pipelines.parsing import parse_document
 
@@ -46,14 +46,20 @@ def _parse(ctx: StageContext) -> Handoff:
     if not path.exists():
         raise PermanentError(f"the uploaded bytes of {filename!r} are gone from the blob store",
                              code="blob_missing")
-    parsed = parse_document(
-        Path(path),
-        filename=filename,
-        content_type=content_type,
-        pdf_strategy=settings.pdf_strategy,
-        languages=settings.parse_languages,
-        tagger_path=resources.tagger_path(),
-    )
+    streamed = batches.parse_large_text(ctx, path=Path(path), filename=filename,
+                                        document_id=document_id,
+                                        hygiene_limits=sandboxed.hygiene_limits())
+    if streamed is not None:  # large plain text: decoded and chunked as a stream
+        return streamed
+    split = parts.split_if_large(ctx, path=Path(path), filename=filename,
+                                 document_id=document_id)
+    if split is not None:  # a large PDF: its page ranges are parsed as jobs of their own
+        return split
+    parsed = sandboxed.run_parser(
+        ctx, parse_document,
+        {"path": Path(path), **sandboxed.parse_options(filename=filename,
+                                                        content_type=content_type)},
+        label=f"parsing {filename!r}")
     ctx.checkpoint(progress=0.3)
     drafts = chunk_elements(parsed.elements, max_words=settings.chunk_max_words)
     if not drafts:
@@ -81,37 +87,7 @@ def _parse(ctx: StageContext) -> Handoff:
 
 
 def _embed(ctx: StageContext) -> Handoff:
-    document_id = _document_id(ctx)
-    with session_scope() as session:
-        chunks = session.execute(
-            select(Chunk.id, Chunk.text).where(Chunk.document_id == document_id).order_by(Chunk.ord)
-        ).all()
-    if not chunks:
-        raise EmptyDocument("the document has no chunks to embed")
-    embedder = resources.embedder()
-    vectors = []
-    for start in range(0, len(chunks), EMBED_BATCH_CHUNKS):
-        batch = chunks[start : start + EMBED_BATCH_CHUNKS]
-        vectors.extend(embedder.encode([c.text for c in batch]))
-        ctx.checkpoint(progress=0.4 + 0.55 * (start + len(batch)) / len(chunks))
-    rows = [
-        {"id": c.id, "embedding": v, "embedding_model": embedder.model_name,
-         "embedding_version": embedder.model_version}
-        for c, v in zip(chunks, vectors, strict=True)
-    ]
-
-    def persist(session: Session) -> bool:
-        session.execute(update(Chunk), rows)  # bulk UPDATE by primary key: overwrite, never add
-        session.execute(
-            update(Document).where(Document.id == document_id).values(
-                status=DocumentStatus.READY, chunk_count=len(rows), error_code=None,
-                error_message=None,
-            )
-        )
-        return ledger.succeed(session, ctx.claim, result={"document_id": document_id,
-                                                          "chunks": len(rows)})
-
-    return ctx.finish(persist)
+    return batches.embed(ctx, document_id=_document_id(ctx))
 
 
 def _drop_chunks(session: Session, ctx: StageContext) -> None:

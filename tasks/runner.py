@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +25,9 @@ from sqlalchemy.orm import Session
 from models import Job, JobState, documents, ledger
 from models.entities import utcnow
 from pipelines.errors import PermanentError, PipelineError
+from sluice import metrics
 from sluice.db import session_scope
+from sluice.logs import bind_context, current_context, current_request_id
 from sluice.settings import get_settings
 from tasks.names import QUEUE_OF_TASK, TASK_OF_STAGE
 from tasks.publish import publish
@@ -62,6 +65,17 @@ class StageContext:
         if self._heartbeat.lost.is_set():
             self._heartbeat.raise_why()
 
+    def guard(self, session: Session) -> None:
+        """In a transaction that writes part of a stage's results before its end: refresh the
+        heartbeat by compare-and-set, and stop (rolling the transaction back) if the job was
+        cancelled or taken over since. Two deliveries can never interleave their writes."""
+        if ledger.heartbeat(session, self.claim):
+            return
+        job = session.get(Job, self.claim.job_id)
+        if job is not None and job.cancel_requested:
+            raise JobCancelled(self.claim.job_id)
+        raise ClaimLost(self.claim.job_id)
+
     def finish(self, persist: Callable[[Session], bool], *, then: str | None = None) -> Handoff:
         """Run `persist` (which writes results and makes the ledger transition) in one short
         transaction; `then` is the stage to publish after commit."""
@@ -82,8 +96,10 @@ class _Heartbeat(threading.Thread):
         self.progress: float | None = None
         self.stop_event = threading.Event()
         self.lost = threading.Event()
+        self.log_context = dict(current_context())  # a new thread starts with an empty one
 
     def run(self) -> None:
+        bind_context(**self.log_context)
         reported: float | None = None
         while not self.stop_event.wait(self.interval_s):
             progress = self.progress if self.progress != reported else None
@@ -135,6 +151,7 @@ def queue_of_stage(stage: str) -> str:
 def fail_attempt(
     claim: ledger.Claim,
     *,
+    kind: str,
     document_id: str | None,
     permanent: bool,
     code: str,
@@ -144,7 +161,8 @@ def fail_attempt(
     """Record a failed attempt: `failed` when permanent, else `retrying` (republished after a
     backoff) while the queue's retries last, then `dead`. A document whose ingest ends here is
     marked failed with the same code. None when the claim was no longer held."""
-    policy = get_settings().retry_policy(queue_of_stage(claim.stage))
+    queue = queue_of_stage(claim.stage)
+    policy = get_settings().retry_policy(queue)
     delay = policy.delay_s(claim.attempt)
     with session_scope() as session:
         state: JobState | None
@@ -157,6 +175,8 @@ def fail_attempt(
                                          traceback=traceback)
         if state in (JobState.FAILED, JobState.DEAD) and document_id is not None:
             documents.mark_failed(session, document_id=document_id, code=code, message=message)
+    if state is not None:
+        metrics.job_outcome(kind=kind, queue=queue, state=state, code=code)
     log.log(
         logging.WARNING if state == JobState.RETRYING else logging.ERROR,
         "job %s: %s attempt %d failed with %s (%s): %s",
@@ -175,8 +195,8 @@ def fail_running_attempt(job_id: str, *, stage: str, code: str, message: str) ->
         if job is None or job.state != JobState.RUNNING or job.stage != stage:
             return None
         claim = ledger.Claim(job_id=job.id, stage=job.stage, attempt=job.attempt)
-        document_id = job.document_id
-    return fail_attempt(claim, document_id=document_id, permanent=False, code=code,
+        document_id, kind = job.document_id, job.kind
+    return fail_attempt(claim, kind=kind, document_id=document_id, permanent=False, code=code,
                         message=message)
 
 
@@ -197,12 +217,18 @@ def run_stage(
         claim = ledger.start(session, job_id=job_id, stage=stage, worker=worker,
                              stale_before=stale_before)
         job = session.get(Job, job_id) if claim else None
-        snapshot = (job.workspace_id, job.document_id, dict(job.payload)) if job else None
+        snapshot = (job.workspace_id, job.document_id, dict(job.payload), job.kind) if job else None
+        if job is not None:  # the header's request id, or the row's for an older message
+            bind_context(document_id=job.document_id, workspace_id=job.workspace_id,
+                         request_id=current_request_id() or job.request_id)
     if claim is None or snapshot is None:
         log.info("job %s: %s delivery ignored (not startable: duplicate, late or cancelled)",
                  job_id, stage)
         return "ignored"
 
+    kind, queue = snapshot[3], queue_of_stage(stage)
+    metrics.job_started(kind=kind, queue=queue)
+    began = time.monotonic()
     heartbeat = _Heartbeat(claim, settings.heartbeat_interval_s)
     ctx = StageContext(claim=claim, workspace_id=snapshot[0], document_id=snapshot[1],
                        payload=snapshot[2], _heartbeat=heartbeat)
@@ -227,12 +253,15 @@ def run_stage(
         raise
     except BaseException as exc:  # noqa: BLE001 - every failure is recorded, none swallowed
         permanent, code = classify(exc)
-        state = fail_attempt(claim, document_id=ctx.document_id, permanent=permanent, code=code,
-                             message=str(exc) or type(exc).__name__,
+        state = fail_attempt(claim, kind=kind, document_id=ctx.document_id, permanent=permanent,
+                             code=code, message=str(exc) or type(exc).__name__,
                              traceback="".join(traceback.format_exception(exc)))
         return str(state)
     finally:
         heartbeat.stop_event.set()
+        metrics.stage_finished(stage=stage, queue=queue, seconds=time.monotonic() - began)
     if handoff.stage is not None:
         publish(job_id, handoff.stage)
-    return "handed-off" if handoff.stage else JobState.SUCCEEDED
+        return "handed-off"
+    metrics.job_outcome(kind=kind, queue=queue, state=JobState.SUCCEEDED)
+    return JobState.SUCCEEDED

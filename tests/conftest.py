@@ -43,6 +43,16 @@ def _port_open(host: str, port: int) -> bool:
         return False
 
 
+@pytest.fixture(autouse=True)
+def _fresh_log_context() -> Iterator[None]:
+    """Code under test that binds log context (the task runner, the API's routes) outside a
+    worker's per-task reset must not tag the next test's log lines."""
+    yield
+    from sluice.logs import clear_context
+
+    clear_context()
+
+
 @pytest.fixture
 def data_dir() -> Path:
     need(DATA.is_dir(), f"shared data not found at {DATA}")

@@ -72,10 +72,12 @@ class Stack:
     def worker_names(self) -> list[str]:
         return [n for n in self.procs if n.startswith("worker")]
 
-    def start_worker(self, name: str) -> None:
+    def start_worker(self, name: str, *, hostname: str | None = None) -> None:
+        """Start worker process `name`; `hostname` (default `name@<this host>`) is the node
+        name it reports, as a worker on another machine would."""
         argv = worker_command(self.queues, pool_args=False, extra=[
             "--pool", "prefork", "--concurrency", str(self.concurrency),
-            "--hostname", f"{name}@%h"])
+            "--hostname", hostname or f"{name}@%h"])
         self._spawn(name, argv)
 
     def wait_ready(self, timeout: float = 90) -> None:

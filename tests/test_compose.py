@@ -71,3 +71,11 @@ def test_dockerfile_copies_every_package() -> None:
     for package in ("api", "workers", "tasks", "pipelines", "models", "migrations", "sluice"):
         assert f"COPY {package} {package}" in dockerfile
     assert "celeryconfig.py" in dockerfile
+
+
+def test_metrics_files_are_private_to_each_container(compose: dict[str, Any]) -> None:
+    for queue in QUEUES:
+        env = compose["services"][f"worker-{queue}"]["environment"]
+        assert not env["PROMETHEUS_MULTIPROC_DIR"].startswith("/data")  # not the shared volume
+        assert 0 < int(env["SLUICE_WORKER_METRICS_PORT"]) < 65536
+    assert compose["services"]["api"]["environment"]["PROMETHEUS_MULTIPROC_DIR"]

@@ -1,15 +1,27 @@
-"""Worker signal handlers: fresh database connections after fork, logging set up once."""
+"""Worker signal handlers: fresh database connections after fork, logging set up once,
+metrics files of exited children retired and a worker's own metrics port."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from billiard.exceptions import WorkerLostError
 from celery.exceptions import TimeLimitExceeded
-from celery.signals import setup_logging, task_failure, worker_process_init
+from celery.signals import (
+    setup_logging,
+    task_failure,
+    task_postrun,
+    task_prerun,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+)
 
+from sluice import metrics
 from sluice.db import dispose_engine
-from sluice.logs import configure_logging
+from sluice.logs import bind_context, clear_context, configure_logging
+from sluice.settings import get_settings
 
 
 @worker_process_init.connect
@@ -17,6 +29,19 @@ def _after_fork(**_: Any) -> None:
     # Never share the parent's connections with a forked child. (Must return fast: models
     # load lazily on first use, not here.)
     dispose_engine(after_fork=True)
+
+
+@worker_process_shutdown.connect
+def _child_exits(**_: Any) -> None:
+    metrics.mark_process_dead(os.getpid())
+
+
+@worker_ready.connect
+def _metrics_port(**_: Any) -> None:
+    # In the main process, after the pool's first children were forked.
+    port = get_settings().worker_metrics_port
+    if port is not None:
+        metrics.start_exporter(port)
 
 
 @setup_logging.connect
@@ -38,3 +63,20 @@ def _killed_attempt(sender: Any = None, exception: BaseException | None = None,
     code = "timeout" if isinstance(exception, TimeLimitExceeded) else "worker_lost"
     fail_running_attempt(str(args[0]), stage=stage, code=code,
                          message=f"{stage} was killed: {exception!r}")
+
+
+@task_prerun.connect
+def _bind_log_context(task: Any = None, args: Any = None, **_: Any) -> None:
+    """Every line a task logs carries its job, stage and the request id its message carried
+    (the `request_id` header, see tasks.publish); the stage runner adds the document."""
+    from tasks.names import STAGE_OF_TASK
+
+    stage = STAGE_OF_TASK.get(getattr(task, "name", ""))
+    clear_context()
+    bind_context(request_id=getattr(getattr(task, "request", None), "request_id", None),
+                 job_id=str(args[0]) if stage and args else None, stage=stage)
+
+
+@task_postrun.connect
+def _clear_log_context(**_: Any) -> None:
+    clear_context()  # a thread or process runs many tasks: never log with a finished one's ids

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Annotated
 
@@ -16,10 +17,12 @@ from api.state import publish_job, query_encoder
 from models import Job, JobKind, Stage, ledger
 from models.entities import FINAL_STATES
 from sluice.db import read_scope, session_scope
+from sluice.logs import bind_context
 from sluice.retrieve import hybrid_search
 from sluice.settings import get_settings
 
 router = APIRouter(prefix="/v1", tags=["answers"])
+log = logging.getLogger(__name__)
 
 POLL_S = 0.05
 
@@ -36,6 +39,8 @@ async def ask(
     `?wait=SECONDS` it waits up to that long and returns the finished job (`200`), whose
     `result` holds `{"answer", "citations": [...], "answered"}`."""
     job_id = await run_in_threadpool(_create_answer_job, workspace, body)
+    bind_context(job_id=job_id)
+    log.info("question queued as job %s", job_id)
     await run_in_threadpool(publish_job, job_id, Stage.ANSWER)
     response.headers["Location"] = f"/v1/jobs/{job_id}"
     if wait > 0:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import logging
+from typing import Annotated
 
-from fastapi import APIRouter, Query, Response, UploadFile
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import func, select
 
@@ -12,14 +13,18 @@ from api.deps import SessionDep, WorkspaceDep, ensure_workspace
 from api.errors import ApiError, not_found
 from api.schemas import DocumentList, DocumentOut, ErrorBody, ErrorInfo, UploadAccepted
 from api.state import blob_store, publish_job
+from api.uploads import FILE_FIELD, FORM_FIELDS_MAX_BYTES, MultipartUpload, clean_filename
 from models import Document, Job, JobKind, Stage, ledger
-from sluice.blobs import CHUNK_BYTES, BlobTooLarge, StoredBlob
+from sluice.blobs import BlobTooLarge, StoredBlob
 from sluice.db import session_scope
+from sluice.logs import bind_context
 from sluice.settings import get_settings
 
 router = APIRouter(prefix="/v1/documents", tags=["documents"])
+log = logging.getLogger(__name__)
 
-FILENAME_MAX = 255
+BODY_OVERHEAD = FORM_FIELDS_MAX_BYTES + 64 * 1024
+"""Multipart framing and small form fields tolerated on top of the upload limit."""
 
 
 @router.post(
@@ -28,37 +33,42 @@ FILENAME_MAX = 255
     response_model=UploadAccepted,
     responses={200: {"model": UploadAccepted}, 413: {"model": ErrorBody},
                422: {"model": ErrorBody}},
+    openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {
+        "schema": {"type": "object", "required": [FILE_FIELD], "properties": {
+            FILE_FIELD: {"type": "string", "format": "binary"}}}}}}},
 )
 async def upload_document(
-    file: UploadFile,
+    request: Request,
     workspace: WorkspaceDep,
     response: Response,
     force: Annotated[bool, Query(description="Ingest again even if identical bytes exist")] = False,
 ) -> UploadAccepted:
-    """Upload one document. Its bytes are streamed to the blob store while hashing; a job is
-    recorded in the same transaction as the document and published after commit.
+    """Upload one document (multipart field `file`). Its bytes are streamed to the blob store
+    as they arrive, hashed on the way, and refused with `413 too_large` the moment they pass
+    the limit (nothing is left behind); a job is recorded in the same transaction as the
+    document and published after commit.
 
     Identical bytes already in the workspace return the existing document with `200` and
     `"duplicate": true`, unless `force=true`."""
     settings = get_settings()
-
-    async def chunks() -> Any:
-        while data := await file.read(CHUNK_BYTES):
-            yield data
-
+    upload = MultipartUpload(request, max_body_bytes=settings.max_upload_bytes + BODY_OVERHEAD)
     try:
-        blob = await blob_store().store_stream(workspace, chunks(),
+        blob = await blob_store().store_stream(workspace, upload.file_chunks(),
                                                max_bytes=settings.max_upload_bytes)
     except BlobTooLarge as exc:
         raise ApiError(413, "too_large", str(exc)) from exc
-    filename = _clean_filename(file.filename)
+    filename = clean_filename(upload.filename)
     accepted = await run_in_threadpool(
         _record_upload, workspace=workspace, blob=blob, filename=filename,
-        content_type=file.content_type, force=force,
+        content_type=upload.content_type, force=force,
     )
+    bind_context(job_id=accepted.job_id, document_id=accepted.document_id)
     if accepted.duplicate:
         response.status_code = 200
+        log.info("upload of %r is a duplicate of document %s", filename, accepted.document_id)
     else:
+        log.info("document %s (%r, %d bytes) uploaded as job %s", accepted.document_id,
+                 filename, blob.size, accepted.job_id)
         await run_in_threadpool(publish_job, accepted.job_id, Stage.PARSE)
     response.headers["Location"] = f"/v1/jobs/{accepted.job_id}"
     return accepted
@@ -87,12 +97,6 @@ def _record_upload(
         job = ledger.create_job(session, workspace_id=workspace, kind=JobKind.INGEST,
                                 stage=Stage.PARSE, document_id=doc.id)
         return UploadAccepted(document_id=doc.id, job_id=job.id)
-
-
-def _clean_filename(name: str | None) -> str:
-    base = (name or "upload").replace("\\", "/").rsplit("/", 1)[-1]
-    base = "".join(ch for ch in base if ch.isprintable()).strip() or "upload"
-    return base[:FILENAME_MAX]
 
 
 @router.get("", response_model=DocumentList)

@@ -9,7 +9,7 @@ from sqlalchemy import select
 
 from api.deps import SessionDep, WorkspaceDep
 from api.errors import not_found
-from api.schemas import ErrorBody, ErrorInfo, JobOut
+from api.schemas import ErrorBody, ErrorInfo, JobOut, PartsOut
 from models import Job, ledger
 from sluice.db import session_scope
 
@@ -23,7 +23,10 @@ def job_out(job: Job) -> JobOut:
         error=ErrorInfo(code=job.error_code, message=job.error_message or "")
         if job.error_code else None,
         result=job.result, created_at=job.created_at, updated_at=job.updated_at,
-        finished_at=job.finished_at,
+        finished_at=job.finished_at, request_id=job.request_id,
+        parts=PartsOut(total=job.parts_total, done=job.parts_done, failed=job.parts_failed)
+        if job.parts_total else None,
+        parent_id=job.parent_id,
     )
 
 
@@ -57,10 +60,13 @@ def list_jobs(
     workspace: WorkspaceDep,
     state: str | None = None,
     kind: str | None = None,
+    parent: Annotated[str | None, Query(description="Only the parts of this job")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> list[JobOut]:
     """The workspace's jobs, newest first."""
     stmt = select(Job).where(Job.workspace_id == workspace)
+    if parent is not None:
+        stmt = stmt.where(Job.parent_id == parent)
     if state is not None:
         stmt = stmt.where(Job.state == state)
     if kind is not None:

@@ -14,6 +14,8 @@ from sqlalchemy import func, select
 from models import Chunk, Document, DocumentStatus, Job, JobState
 from sluice.db import session_scope
 
+FTS_COUNT = "SELECT count(*) FROM chunk_fts WHERE chunk_fts MATCH 'chunk'"
+
 
 @pytest.fixture
 def client(sluice_env: dict[str, str]) -> Iterator[TestClient]:
@@ -100,12 +102,12 @@ def test_delete_document_removes_chunks_vectors_and_blob(
                               embedding=np.ones(384, dtype=np.float32) / np.sqrt(384)))
     with session_scope() as session:
         assert session.scalar(text("SELECT count(*) FROM chunk_vectors")) == 3
-        assert session.scalar(text("SELECT count(*) FROM chunk_fts WHERE chunk_fts MATCH 'chunk'")) == 3
+        assert session.scalar(text(FTS_COUNT)) == 3
     assert client.delete(f"/v1/documents/{out['document_id']}").status_code == 204
     with session_scope() as session:
         assert session.scalar(select(func.count()).select_from(Chunk)) == 0
         assert session.scalar(text("SELECT count(*) FROM chunk_vectors")) == 0
-        assert session.scalar(text("SELECT count(*) FROM chunk_fts WHERE chunk_fts MATCH 'chunk'")) == 0
+        assert session.scalar(text(FTS_COUNT)) == 0
         assert session.get(Document, out["document_id"]) is None
         job = session.get_one(Job, out["job_id"])
         assert job.state == JobState.CANCELLED and job.document_id is None
@@ -121,6 +123,14 @@ def test_get_job_shape(client: TestClient) -> None:
                                                                          "parse", 0)
     assert job["error"] is None and job["result"] is None
     assert client.get("/v1/jobs/nope").status_code == 404
+
+
+def test_job_carries_the_request_id_of_its_upload(client: TestClient) -> None:
+    resp = client.post("/v1/documents", files={"file": ("r.txt", b"request id")},
+                       headers={"X-Request-ID": "client-req-7"})
+    assert resp.headers["X-Request-ID"] == "client-req-7"
+    job = client.get(f"/v1/jobs/{resp.json()['job_id']}").json()
+    assert job["request_id"] == "client-req-7"
 
 
 def test_cancel_queued_job(client: TestClient) -> None:
@@ -146,7 +156,8 @@ def test_answer_request_creates_job(client: TestClient) -> None:
     [
         ("post", "/v1/answers", {"json": {"question": ""}}),
         ("post", "/v1/answers", {"json": {"question": "q", "top_k": 0}}),
-        ("post", "/v1/answers", {"content": b"not json", "headers": {"content-type": "application/json"}}),
+        ("post", "/v1/answers",
+         {"content": b"not json", "headers": {"content-type": "application/json"}}),
         ("post", "/v1/search", {"json": {"top_k": 3}}),
         ("post", "/v1/search", {"json": {"query": "x", "mode": "psychic"}}),
         ("post", "/v1/documents", {"data": {"nofile": "x"}}),

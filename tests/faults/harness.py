@@ -100,12 +100,22 @@ def job_states(job_ids: list[str]) -> dict[str, str]:
     return {r.id: r.state for r in rows}
 
 
-def drain(job_ids: list[str], *, timeout: float, poll: float = 0.5) -> dict[str, str]:
+def drain(job_ids: list[str], *, timeout: float, poll: float = 0.5,
+          stall_s: float = 300.0) -> dict[str, str]:
+    """Wait until every job is final. Gives up after `timeout`, or later while jobs are still
+    finishing: the deadline moves on with every job that ends, so a machine slowed by other
+    work is not mistaken for lost jobs. A job still unfinished when nothing has finished for
+    `stall_s` past the deadline counts as lost."""
     deadline = time.monotonic() + timeout
+    finished = 0
     while True:
         states = _retrying_db(lambda: job_states(job_ids))
-        if len(states) == len(job_ids) and all(s in FINAL for s in states.values()):
+        done = sum(1 for s in states.values() if s in FINAL)
+        if len(states) == len(job_ids) and done == len(job_ids):
             return states
+        if done > finished:
+            finished = done
+            deadline = max(deadline, time.monotonic() + stall_s)
         if time.monotonic() > deadline:
             return states
         time.sleep(poll)

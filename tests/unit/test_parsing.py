@@ -102,7 +102,9 @@ def test_metadata_keeps_structure(tagger_path: Path) -> None:
     assert item.metadata["section"] == "Example Docs"  # the nearest heading above it
 
 
-def test_type_is_sniffed_from_bytes_not_from_the_blob_path(tagger_path: Path, tmp_path: Path) -> None:
+def test_type_is_sniffed_from_bytes_not_from_the_blob_path(
+    tagger_path: Path, tmp_path: Path
+) -> None:
     blob = tmp_path / "3f2a9c"  # the blob store names files by hash, without an extension
     shutil.copy(DOCS / "README.md", blob)
     doc = parse_document(blob, filename="README.md", tagger_path=tagger_path)
@@ -153,7 +155,8 @@ def test_files_without_text_are_empty_document(tagger_path: Path, name: str) -> 
 
 @pytest.mark.parametrize(
     "name",
-    ["img/example.jpg", "img/DA-1p.png", "CantinaBand3.wav", "simple.zip", "simple.json", "fake.doc"],
+    ["img/example.jpg", "img/DA-1p.png", "CantinaBand3.wav", "simple.zip", "simple.json",
+     "fake.doc"],
 )
 def test_unsupported_formats_are_unsupported_type(tagger_path: Path, name: str) -> None:
     with pytest.raises(UnsupportedType) as caught:
