@@ -182,10 +182,21 @@ def production_env(
     yield from _setup(env, monkeypatch)
 
 
+_CALL_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    report = yield
+    if report.when == "call":
+        item.stash[_CALL_FAILED] = report.failed
+    return report
+
+
 @pytest.fixture
-def stack(tmp_path: Path) -> Iterator[StackFactory]:
+def stack(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[StackFactory]:
     """Factory: `stack(env, queues=...)` starts the API and worker processes; all are
-    stopped at teardown."""
+    stopped at teardown, and their logs printed when the test failed."""
     started: list[Stack] = []
 
     def factory(env: dict[str, str], **kwargs: object) -> Stack:
@@ -197,3 +208,6 @@ def stack(tmp_path: Path) -> Iterator[StackFactory]:
     yield factory
     for s in started:
         s.stop()
+    if request.node.stash.get(_CALL_FAILED, False):
+        for s in started:
+            print(s.logs())
