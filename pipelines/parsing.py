@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import email.parser
 import email.policy
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,8 @@ from pipelines.errors import (
     UnsupportedType,
 )
 from pipelines.types import Element, ParsedDocument
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from unstructured.documents.elements import Element as UnstructuredElement
@@ -178,8 +181,8 @@ def _parse(
 
     file_type = _sniff_type(handle, filename=filename, content_type=content_type)
     _refuse_mismatch(handle, file_type, filename=filename, content_type=content_type)
-    if file_type.name == "EML":
-        handle = _utf16_mail_as_utf8(handle) or handle
+    if file_type.name in _UTF16_AWARE:
+        handle = _utf16_as_utf8(handle) or handle
     _refuse_encrypted(handle, file_type, filename)
     _refuse_unsupported(file_type, filename)
     pdf = _probe_pdf(handle) if file_type.name == "PDF" else None
@@ -188,14 +191,28 @@ def _parse(
     if pdf is not None:
         guards.check_pdf_pages(pdf.page_count, filename=filename, limits=guard_limits)
     handle.seek(0)
-    raw = partition(
-        file=handle,
-        metadata_filename=filename,
-        content_type=file_type.mime_type,
-        strategy=pdf_strategy,
-        languages=list(languages) if languages is not None else None,
-    )
+    options: dict[str, Any] = {
+        "file": handle,
+        "metadata_filename": filename,
+        "content_type": file_type.mime_type,
+        "strategy": pdf_strategy,
+        "languages": list(languages) if languages is not None else None,
+    }
+    try:
+        raw = partition(**options)
+    except (PipelineError, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a second, plainer reading where one exists
+        lenient = _LENIENT_RETRY.get(file_type.name)
+        if lenient is None:
+            raise
+        log.warning("%s: %s: %s; parsing it again %s", filename, type(exc).__name__,
+                    str(exc)[:200], lenient.reason)
+        handle.seek(0)
+        raw = partition(**{**options, **lenient.options})
     elements = convert_elements(raw)
+    if not elements and file_type.name == "EML":
+        elements = _digest_messages(handle, partition=partition, options=options)
     if not elements:
         # partition_pdf logs and swallows pdfminer's errors, so a broken PDF comes back empty.
         if pdf is not None and pdf.error is not None:
@@ -252,10 +269,30 @@ def _refuse_mismatch(
                            f"{_describe(file_type)}")
 
 
-def _utf16_mail_as_utf8(handle: IO[bytes]) -> IO[bytes] | None:
-    """A UTF-16 e-mail (RFC 5322 headers are ASCII, so every other byte of its head is zero),
-    re-encoded as UTF-8; None for any other. unstructured reads the UTF-16 bytes as 8-bit
-    text, a NUL between every two letters: garbage that ``pipelines.hygiene`` would refuse."""
+@dataclass(frozen=True)
+class _Lenient:
+    options: dict[str, Any]
+    reason: str
+
+
+# Formats with a plainer second reading when unstructured's full one raises: an e-mail whose
+# attachment cannot be partitioned (an image under the "fast" strategy, audio, a nested digest)
+# keeps its body; a ragged CSV (rows of uneven width, which pandas refuses) keeps its text.
+_LENIENT_RETRY: Final = {
+    "EML": _Lenient({"process_attachments": False}, "without its attachments"),
+    "CSV": _Lenient({"content_type": "text/plain"}, "as plain text"),
+    "TSV": _Lenient({"content_type": "text/plain"}, "as plain text"),
+}
+
+# Text formats unstructured reads as UTF-8 or 8-bit only.
+_UTF16_AWARE: Final = frozenset({"EML", "CSV", "TSV", "TXT", "MD", "RST", "ORG"})
+
+
+def _utf16_as_utf8(handle: IO[bytes]) -> IO[bytes] | None:
+    """A UTF-16 text file (with a byte-order mark, or ASCII-headed like an e-mail's RFC 5322
+    headers, so every other byte of its head is zero) re-encoded as UTF-8; None for any other.
+    unstructured reads the UTF-16 bytes as 8-bit text, a NUL between every two letters
+    (garbage that ``pipelines.hygiene`` would refuse), or fails to decode them at all."""
     import io
 
     handle.seek(0)
@@ -365,6 +402,26 @@ def _probe_pdf(handle: IO[bytes]) -> _PdfProbe:
     except Exception as exc:  # noqa: BLE001 - recorded; decisive only if nothing is extracted
         error = f"{type(exc).__name__}: {exc}"
         return _PdfProbe(page_count=None, needs_password=False, error=error)
+
+
+def _digest_messages(handle: IO[bytes], *, partition: Any, options: dict[str, Any]
+                     ) -> list[Element]:
+    """The elements of the messages a digest (multipart/digest, or any message/rfc822 parts)
+    carries, each partitioned as an e-mail of its own: unstructured finds no body in such a
+    message and returns nothing."""
+    import io
+
+    handle.seek(0)
+    message = email.parser.BytesParser(policy=email.policy.default).parse(handle)
+    elements: list[Element] = []
+    for part in message.walk():
+        if part.get_content_type() != "message/rfc822":
+            continue
+        for inner in part.iter_parts():
+            raw = partition(**{**options, "file": io.BytesIO(inner.as_bytes()),
+                               "process_attachments": False})
+            elements.extend(convert_elements(raw))
+    return elements
 
 
 def _eml_encrypted(handle: IO[bytes]) -> bool:

@@ -231,3 +231,28 @@ def test_fallback_tagger_still_parses_and_never_returns_empty_success(tagger_pat
             parse(DOCS / "fake-text-all-whitespace.txt", None)
     finally:
         parse(DOCS / "fake-text.txt", tagger_path)  # leave the trained tagger installed
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        # an image attachment (no "fast" strategy for images) or an audio one (no whisper)
+        ("eml/email-with-image.eml", None),
+        ("eml/fake-email-image-embedded.eml", None),
+        ("eml/mime-attach-mp3.eml", None),
+        # a digest: the text lives in nested message/rfc822 parts
+        ("eml/mime-multipart-digest.eml", "This is the third message in the digest."),
+        # UTF-16 with a byte-order mark, and a CSV whose rows are of uneven width
+        ("stanley-cups-utf-16.csv", "Stanley Cups"),
+        ("single-column.csv", None),
+    ],
+)
+def test_awkward_but_valid_files_keep_their_text(
+    tagger_path: Path, name: str, expected: str | None,
+) -> None:
+    parsed = parse(DOCS / name, tagger_path)
+    text = "\n".join(e.text for e in parsed.elements)
+    assert text.strip()
+    assert "\x00" not in text
+    if expected is not None:
+        assert expected in text
