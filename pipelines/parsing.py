@@ -211,6 +211,9 @@ def _parse(
         handle.seek(0)
         raw = partition(**{**options, **lenient.options})
     elements = convert_elements(raw)
+    if pdf is not None and pdf.page_count:
+        elements = _with_lost_pages(handle, elements, page_count=pdf.page_count,
+                                    filename=filename)
     if not elements and file_type.name == "EML":
         elements = _digest_messages(handle, partition=partition, options=options)
     if not elements:
@@ -402,6 +405,41 @@ def _probe_pdf(handle: IO[bytes]) -> _PdfProbe:
     except Exception as exc:  # noqa: BLE001 - recorded; decisive only if nothing is extracted
         error = f"{type(exc).__name__}: {exc}"
         return _PdfProbe(page_count=None, needs_password=False, error=error)
+
+
+def _with_lost_pages(handle: IO[bytes], elements: list[Element], *, page_count: int,
+                     filename: str) -> list[Element]:
+    """``elements`` plus the text pypdf reads from pages that produced no element.
+
+    pdfminer (under unstructured) gives up on some pages without a word, and unstructured
+    swallows its error: pages of text vanish from a document that "succeeds". A page with no
+    element is read again with pypdf; one with text there becomes one element of its own
+    (``metadata["extracted_by"] = "pypdf"``), in page order. Pages without text in either
+    (figures, blanks, scans) stay empty."""
+    from pypdf import PdfReader
+
+    missing = set(range(1, page_count + 1)) - {e.page for e in elements if e.page is not None}
+    if not missing:
+        return elements
+    handle.seek(0)
+    try:
+        reader = PdfReader(handle)
+    except Exception:  # noqa: BLE001 - it was read once already; nothing more to recover
+        return elements
+    recovered = []
+    for page in sorted(missing):
+        try:
+            text = " ".join((reader.pages[page - 1].extract_text() or "").split())
+        except Exception:  # noqa: BLE001 - this page stays empty; the others still count
+            continue
+        if text:
+            recovered.append(Element(text=text, category="NarrativeText", page=page,
+                                     metadata={"section": None, "extracted_by": "pypdf"}))
+    if not recovered:
+        return elements
+    log.warning("%s: %d page(s) had no text from the partitioner; read with pypdf instead",
+                filename, len(recovered))
+    return sorted([*elements, *recovered], key=lambda e: e.page or 0)
 
 
 def _digest_messages(handle: IO[bytes], *, partition: Any, options: dict[str, Any]

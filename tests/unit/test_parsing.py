@@ -256,3 +256,13 @@ def test_awkward_but_valid_files_keep_their_text(
     assert "\x00" not in text
     if expected is not None:
         assert expected in text
+
+
+def test_pdf_pages_the_partitioner_drops_are_read_with_pypdf(tagger_path: Path) -> None:
+    """pdfminer gives up on this file's pages without an error reaching us: without the
+    second reading, 76 pages of text came back as an empty (or, split in parts, a partial)
+    document."""
+    parsed = parse(DOCS / "pdf" / "failure-after-repair.pdf", tagger_path)
+    pages = {e.page for e in parsed.elements}
+    assert pages == set(range(1, 77))
+    assert "Understanding Breast Cancer" in " ".join(e.text for e in parsed.elements[:5])
