@@ -1,4 +1,4 @@
-"""Run a function in a forked child process with a memory cap and a wall-time limit.
+"""Run a function in a forked child process with a memory cap, a CPU-time and a wall-time limit.
 
 ``run_limited(fn, args=..., limits=...)`` forks, caps the child's memory with
 ``setrlimit``, runs ``fn`` there and sends its result (or its exception) back pickled over a
@@ -13,7 +13,11 @@ Outcomes, all raised in the parent:
   attributes; the child's traceback rides along as its ``__cause__``);
 - ``MemoryError`` in the child, or a child killed by ``SIGKILL`` that we did not send (the
   kernel's out-of-memory killer) → ``MemoryLimitExceeded`` (``memory_limit``);
-- past ``wall_time_s`` → the child's process group is killed → ``ParseTimeout`` (``timeout``);
+- past ``cpu_time_s`` of CPU (``RLIMIT_CPU``: the kernel sends ``SIGXCPU``) or past
+  ``wall_time_s`` (the child's process group is killed) → ``ParseTimeout`` (``timeout``). The
+  CPU limit is the one that judges the input: it counts the parse's own work, the same on an
+  idle machine as on one where the child gets a third of a core. The wall limit, longer, is
+  the backstop for a child that hangs without working;
 - killed by any other signal (a segfault in a C extension), or gone without a result →
   ``ChildCrashed`` (``corrupt_document``: the input crashed its parser), the signal named;
 - the sandbox's own plumbing failed (setting the limits) → ``SandboxError``, a plain
@@ -65,6 +69,7 @@ _EXIT_MEMORY: Final = 3  # MemoryError, and not even the short report could be w
 _EXIT_INTERNAL: Final = 4  # the child's own plumbing failed
 _READ_CHUNK: Final = 1 << 20
 _REAP_GRACE_S: Final = 5.0  # after the pipe closes, the child has this long to exit
+_CPU_GRACE_S: Final = 5  # the hard RLIMIT_CPU (SIGKILL) this long after the soft one
 _PR_SET_PDEATHSIG: Final = 1
 # Children that delivered their result but had not finished exiting: tearing down a forked
 # copy of a 600 MB worker takes as long as the fork (~50 ms here), and the caller need not
@@ -89,10 +94,12 @@ class _ChildTraceback(Exception):
 
 @dataclass(frozen=True, slots=True)
 class SandboxLimits:
-    """``memory_bytes``: the child's ``RLIMIT_DATA`` (None: uncapped). ``wall_time_s``: killed
-    after this long (None: no limit). ``poll_interval_s``: how often ``poll`` is called."""
+    """``memory_bytes``: the child's ``RLIMIT_DATA`` (None: uncapped). ``cpu_time_s``: its
+    ``RLIMIT_CPU`` (None: no limit). ``wall_time_s``: killed after this long (None: no limit).
+    ``poll_interval_s``: how often ``poll`` is called."""
 
     memory_bytes: int | None = 3 << 30
+    cpu_time_s: int | None = 180
     wall_time_s: float | None = 240.0
     poll_interval_s: float = 0.5
 
@@ -286,6 +293,9 @@ def _outcome(
                 f"{label} was killed by SIGKILL, most likely by the out-of-memory killer: "
                 + _memory_message(label, limits)
             )
+        if sig == signal.SIGXCPU:
+            raise ParseTimeout(f"{label} used its CPU-time limit of {limits.cpu_time_s} s "
+                               "and was stopped")
         raise ChildCrashed(f"{label} crashed with signal {_signal_name(sig)}")
     if status != -1 and os.WIFEXITED(status):
         code = os.WEXITSTATUS(status)
@@ -375,9 +385,20 @@ def _child_setup(limits: SandboxLimits, parent_pid: int) -> None:
     if os.getppid() != parent_pid:  # the parent died before the line above took effect
         os._exit(_EXIT_INTERNAL)
     # The pool process's handlers (soft time limit, shutdown) are not ours to run.
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
+                signal.SIGXCPU):
         with contextlib.suppress(OSError, ValueError):
             signal.signal(sig, signal.SIG_DFL)
+    # A SIGXCPU's default action dumps core: no core files of documents, anywhere.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if limits.cpu_time_s is not None:
+        # fork() starts the child's CPU time at zero. Past the soft limit the kernel sends
+        # SIGXCPU (default action: terminate); the hard limit, a little later, is SIGKILL for
+        # code that would catch it.
+        _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+        cap = limits.cpu_time_s + _CPU_GRACE_S
+        new_hard = cap if hard == resource.RLIM_INFINITY else min(cap, hard)
+        resource.setrlimit(resource.RLIMIT_CPU, (min(limits.cpu_time_s, new_hard), new_hard))
     if limits.memory_bytes is not None:
         _, hard = resource.getrlimit(resource.RLIMIT_DATA)
         soft = limits.memory_bytes if hard == resource.RLIM_INFINITY else min(

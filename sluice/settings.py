@@ -10,9 +10,12 @@ from __future__ import annotations
 import random
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ADMIN_TOKEN_MIN_CHARS = 32
 
 
 class RetryPolicy(BaseSettings):
@@ -34,6 +37,9 @@ class Settings(BaseSettings):
         env_prefix="SLUICE_", env_nested_delimiter="__", env_parse_none_str="none"
     )
 
+    env: Literal["development", "production"] = Field(
+        default="development", description="`production` refuses to start with auth off."
+    )
     data_dir: Path = Field(default=Path(".sluice"), description="Root of all embedded state.")
     database_url: str | None = Field(default=None, description="Default: SQLite in data_dir.")
     broker_url: str | None = Field(default=None, description="Default: filesystem in data_dir.")
@@ -86,9 +92,15 @@ class Settings(BaseSettings):
         default=3072, ge=256, description="The parse child's RLIMIT_DATA (heap and private "
         "mappings, ~700 MB of it inherited from the worker); over it: `memory_limit`."
     )
+    parse_cpu_time_s: int | None = Field(
+        default=180, ge=1, description="The parse child's RLIMIT_CPU: past this much CPU time "
+        "it is stopped, `timeout`. The limit that judges a document: the same on a busy "
+        "machine as on an idle one."
+    )
     parse_wall_time_s: float | None = Field(
-        default=240.0, gt=0, description="The parse child is killed after this long: "
-        "`timeout`. Must be below parse_soft_time_limit_s."
+        default=280.0, gt=0, description="The parse child is killed after this long: "
+        "`timeout` (the backstop for a parse that hangs without using CPU). Must be below "
+        "parse_soft_time_limit_s."
     )
     max_archive_uncompressed_mb: int = Field(
         default=1024, ge=1, description="Total declared uncompressed size of a zip container "
@@ -199,6 +211,67 @@ class Settings(BaseSettings):
         "machine than the API."
     )
 
+    # API keys, quotas and rate limits (api/auth.py, models/keys.py, models/quotas.py).
+    auth_enabled: bool = Field(
+        default=False, description="Every /v1 request needs `Authorization: Bearer <API key>`; "
+        "the workspace comes from the key. Off (embedded default): `X-Workspace` names it."
+    )
+    admin_token: SecretStr | None = Field(
+        default=None, description="Guards /v1/admin (keys of any workspace, quotas); at least "
+        f"{ADMIN_TOKEN_MIN_CHARS} characters. Unset: the admin API answers 401."
+    )
+    api_key: SecretStr | None = Field(
+        default=None, description="The key the CLI's API commands send (client side)."
+    )
+    key_touch_interval_s: float = Field(
+        default=60.0, ge=0, description="A key's last-used time is written at most this often."
+    )
+    rate_limit_per_key: str | None = Field(
+        default="1200/minute", description="Requests per key, a moving window (the `limits` "
+        "notation: `100/second`, `1200/minute`); `none` turns it off."
+    )
+    rate_limit_storage_url: str | None = Field(
+        default=None, description="Where rate-limit windows live: default the broker's Redis, "
+        "or this process's memory on the embedded default (`memory://`)."
+    )
+    quota_documents: int | None = Field(default=100_000, ge=0,
+                                        description="Documents per workspace.")
+    quota_stored_bytes: int | None = Field(default=100 * 1024**3, ge=0,
+                                           description="Uploaded bytes per workspace.")
+    quota_queued_jobs: int | None = Field(
+        default=10_000, ge=0, description="Unfinished jobs per workspace (parts not counted)."
+    )
+    quota_answers_per_minute: int | None = Field(default=120, ge=0)
+    quota_retry_after_s: int = Field(
+        default=30, ge=1, description="Retry-After sent with `queued_jobs_quota_exceeded`."
+    )
+
+    @field_validator("admin_token", "api_key", mode="before")
+    @classmethod
+    def _empty_secret_is_unset(cls, value: object) -> object:
+        return None if value == "" else value  # `KEY: ${VAR:-}` in compose
+
+    @field_validator("rate_limit_per_key")
+    @classmethod
+    def _rate_limit_parses(cls, value: str | None) -> str | None:
+        if value is not None:
+            from limits import parse
+
+            parse(value)  # ValueError on a bad notation
+        return value
+
+    @model_validator(mode="after")
+    def _production_needs_auth(self) -> Settings:
+        if self.env == "production" and not self.auth_enabled:
+            raise ValueError("SLUICE_ENV=production refuses to start with auth off: set "
+                             "SLUICE_AUTH_ENABLED=1")
+        token = self.admin_token.get_secret_value() if self.admin_token else None
+        if token is not None and len(token) < ADMIN_TOKEN_MIN_CHARS:
+            raise ValueError(f"SLUICE_ADMIN_TOKEN must be at least {ADMIN_TOKEN_MIN_CHARS} "
+                             "characters (e.g. `python -c 'import secrets; "
+                             "print(secrets.token_urlsafe(32))'`)")
+        return self
+
     log_level: str = "INFO"
     log_json: bool = False
 
@@ -243,6 +316,13 @@ class Settings(BaseSettings):
         """Both the database and the broker are the embedded defaults."""
         return (self.resolved_database_url.startswith("sqlite")
                 and self.resolved_broker_url.startswith("filesystem"))
+
+    @property
+    def resolved_rate_limit_storage_url(self) -> str:
+        if self.rate_limit_storage_url:
+            return self.rate_limit_storage_url
+        broker = self.resolved_broker_url
+        return broker if broker.startswith(("redis://", "rediss://")) else "memory://"
 
     @property
     def visibility_timeout_s(self) -> int:

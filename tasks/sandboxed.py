@@ -59,6 +59,7 @@ def run_parser(ctx: StageContext, fn: Callable[..., T], kwargs: dict[str, Any], 
     warm_up(resources.tagger_path())
     memory_mb = settings.parse_memory_limit_mb
     limits = SandboxLimits(memory_bytes=None if memory_mb is None else memory_mb << 20,
+                           cpu_time_s=settings.parse_cpu_time_s,
                            wall_time_s=settings.parse_wall_time_s)
     result: T = run_limited(fn, kwargs=kwargs, limits=limits, poll=ctx.checkpoint, label=label)
     return result

@@ -171,6 +171,25 @@ def test_past_the_wall_time_the_child_is_killed_with_timeout(tmp_path: Path) -> 
     assert _gone(int(pid_file.read_text()))
 
 
+def _spin(seconds: float) -> int:
+    end = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < end:
+        n += 1
+    return n
+
+
+def test_past_its_cpu_time_the_child_is_stopped_with_timeout() -> None:
+    """The CPU limit counts the child's own work from its fork (not the worker's CPU before
+    it), so a parse is judged the same on a busy machine as on an idle one."""
+    _spin(1.5)  # CPU the parent spends first must not count against the child
+    with pytest.raises(ParseTimeout, match="CPU-time limit of 1 s") as caught:
+        run_limited(_spin, args=(600,), limits=SandboxLimits(cpu_time_s=1, wall_time_s=60),
+                    label="spinning")
+    assert caught.value.code == "timeout"
+    assert run_limited(_spin, args=(0.2,), limits=SandboxLimits(cpu_time_s=1)) > 0
+
+
 def test_a_timeout_kills_what_the_child_started(tmp_path: Path) -> None:
     pid_file = tmp_path / "pid"
     with pytest.raises(ParseTimeout):
