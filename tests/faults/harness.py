@@ -158,6 +158,15 @@ def tally(name: str, job_ids: list[str], states: dict[str, str], started: float,
     outcome.lost = len(job_ids) - sum(1 for j in job_ids if states.get(j) in FINAL)
     outcome.duplicated = duplicated_chunks()
     outcome.drain_s = round(time.monotonic() - started, 1)
+    if outcome.lost:  # where the unfinished jobs stand, for the failure message
+        with session_scope() as session:
+            rows = session.execute(
+                select(Job.id, Job.state, Job.stage, Job.attempt, Job.published_at,
+                       Job.heartbeat_at, Job.updated_at)
+                .where(Job.id.in_(job_ids), Job.state.not_in(FINAL))).all()
+        outcome.other["unfinished"] = [
+            f"{r.id[:8]} {r.state}/{r.stage} attempt={r.attempt} published={r.published_at}"
+            f" heartbeat={r.heartbeat_at} updated={r.updated_at}" for r in rows]
     return outcome
 
 
