@@ -13,8 +13,11 @@ from models.entities import (
     Stage,
     Workspace,
 )
+from models.keys import ApiKey, Role
+from models.quotas import WorkspaceQuota
 
 __all__ = [
+    "ApiKey",
     "Base",
     "Chunk",
     "Document",
@@ -24,6 +27,8 @@ __all__ = [
     "JobEvent",
     "JobKind",
     "JobState",
+    "Role",
     "Stage",
     "Workspace",
+    "WorkspaceQuota",
 ]

@@ -129,6 +129,8 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_state_updated", "state", "updated_at"),
         Index("ix_jobs_workspace_created", "workspace_id", "created_at"),
+        # A workspace's unfinished jobs, counted for its quota on every upload and question.
+        Index("ix_jobs_workspace_state", "workspace_id", "state"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
