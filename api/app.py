@@ -4,10 +4,20 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from api import errors, idempotency, metrics, request_id
-from api.routes import answers, dead_letters, documents, events, health, jobs
+from api import auth, errors, idempotency, metrics, request_id
+from api.routes import admin, answers, dead_letters, documents, events, health, jobs, keys
+from api.schemas import ErrorBody
 from sluice import __version__
 from sluice.logs import configure_logging
+
+AUTH_RESPONSES: dict[int | str, dict[str, object]] = {
+    400: {"model": ErrorBody, "description": "`invalid_workspace` (X-Workspace, auth off)"},
+    401: {"model": ErrorBody, "description": "No, a malformed, unknown or revoked key"},
+    403: {"model": ErrorBody, "description": "The key's role does not allow this"},
+    429: {"model": ErrorBody, "description": "`rate_limited` or a quota; see Retry-After",
+          "headers": {"Retry-After": {"schema": {"type": "integer"},
+                                      "description": "Seconds to wait"}}},
+}
 
 
 def create_app() -> FastAPI:
@@ -19,12 +29,11 @@ def create_app() -> FastAPI:
     )
     errors.install(app)
     idempotency.install(app)
+    auth.install(app)  # outside idempotency: a stored response is only replayed to its key
     metrics.install(app)
-    app.include_router(documents.router)
-    app.include_router(jobs.router)
-    app.include_router(answers.router)
-    app.include_router(dead_letters.router)
-    app.include_router(events.router)
+    for router in (documents.router, jobs.router, answers.router, dead_letters.router,
+                   events.router, keys.router, admin.router):
+        app.include_router(router, responses=AUTH_RESPONSES)
     app.include_router(health.router)
     request_id.install(app)  # last: the outermost middleware, so every line sees the id
     return app

@@ -7,6 +7,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from models.quotas import QuotaExceeded
+
 
 class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str,
@@ -26,11 +28,26 @@ def _body(code: str, message: str) -> dict[str, dict[str, str]]:
     return {"error": {"code": code, "message": message}}
 
 
+def error_response(exc: ApiError) -> JSONResponse:
+    return JSONResponse(_body(exc.code, exc.message), status_code=exc.status,
+                        headers=exc.headers)
+
+
+def quota_error(exc: QuotaExceeded) -> ApiError:
+    """`413` (stored bytes) or `429` with a stable code, and `Retry-After` where waiting
+    helps (unfinished jobs drain, the answers window moves on)."""
+    headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
+    return ApiError(exc.status, exc.code, exc.message, headers=headers)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(_body(exc.code, exc.message), status_code=exc.status,
-                            headers=exc.headers)
+        return error_response(exc)
+
+    @app.exception_handler(QuotaExceeded)
+    async def _quota(_: Request, exc: QuotaExceeded) -> JSONResponse:
+        return error_response(quota_error(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

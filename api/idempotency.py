@@ -1,7 +1,11 @@
 """`Idempotency-Key`: a POST retried with the same key gets the first response again instead
 of doing the work twice. The key is scoped to the workspace and bound to the method, path and
 query string; reusing it for a different request is refused (422 `idempotency_key_reused`).
-Responses with a 5xx status are not stored, so a retry after a server error runs again."""
+Responses with a 5xx status are not stored, so a retry after a server error runs again.
+
+With API keys the record is also scoped to the API key that made the request (stored as
+`<key id>:<Idempotency-Key>`): only that key, authenticated and within its role (`api.auth`
+runs first), can get the stored response again."""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 
-from api.deps import WORKSPACE_RE
+from api.auth import CALLER_STATE, Caller
 from models.entities import IdempotencyRecord
 from sluice.db import read_scope, session_scope
 
@@ -45,8 +49,13 @@ class IdempotencyMiddleware(BaseHTTPMiddleware):
         key = request.headers.get(HEADER)
         if request.method != "POST" or not key:
             return await call_next(request)
-        workspace = request.headers.get("x-workspace", "default")
-        if len(key) > 255 or not WORKSPACE_RE.match(workspace):
+        caller: Caller | None = getattr(request.state, CALLER_STATE, None)
+        if caller is None:  # not a /v1 route, or refused by api.auth already
+            return await call_next(request)
+        workspace = caller.workspace
+        if caller.key_id is not None:
+            key = f"{caller.key_id}:{key}"
+        if len(key) > 255:
             return await call_next(request)
         fingerprint = _fingerprint(request)
         stored = await run_in_threadpool(_load, workspace, key)

@@ -5,7 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from models.keys import Role
 
 
 class ErrorInfo(BaseModel):
@@ -106,3 +108,81 @@ class SearchHit(BaseModel):
 class SearchResults(BaseModel):
     query: str
     results: list[SearchHit]
+
+
+# API keys, quotas ------------------------------------------------------------------------
+
+WORKSPACE_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+
+
+class KeyCreate(BaseModel):
+    role: Role
+    name: str | None = Field(default=None, max_length=255, pattern=r"^[^\x00-\x1f\x7f]*$",
+                             description="A label for people (no control characters).")
+    rate_limit: str | None = Field(
+        default=None, max_length=64, description="Requests this key may make, a moving window "
+        "such as `100/minute` or `10/second`; default SLUICE_RATE_LIMIT_PER_KEY.")
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _parses(cls, value: str | None) -> str | None:
+        if value is not None:
+            from limits import parse
+
+            parse(value)  # ValueError → 422
+        return value
+
+
+class AdminKeyCreate(KeyCreate):
+    workspace: str = Field(pattern=WORKSPACE_PATTERN)
+
+
+class KeyOut(BaseModel):
+    id: str
+    workspace: str
+    role: Role
+    name: str | None
+    rate_limit: str | None
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+class KeyCreated(KeyOut):
+    key: str = Field(description="The key itself, shown this once: only its hash is kept.")
+
+
+class KeyList(BaseModel):
+    keys: list[KeyOut]
+
+
+class QuotaValues(BaseModel):
+    """Per-workspace limits; null is unlimited (in `limits`) or the default (in `overrides`)."""
+
+    documents: int | None = Field(default=None, ge=0, le=INT32_MAX)
+    stored_bytes: int | None = Field(default=None, ge=0, le=INT64_MAX)
+    queued_jobs: int | None = Field(default=None, ge=0, le=INT32_MAX,
+                                    description="Unfinished jobs")
+    answers_per_minute: int | None = Field(default=None, ge=0, le=INT32_MAX)
+
+
+class UsageOut(BaseModel):
+    documents: int
+    stored_bytes: int
+    queued_jobs: int
+
+
+class QuotaOut(BaseModel):
+    workspace: str
+    limits: QuotaValues
+    overrides: QuotaValues
+    usage: UsageOut
+
+
+class CallerOut(BaseModel):
+    workspace: str
+    role: Role
+    key_id: str | None = Field(description="null with auth off")
+    quota: QuotaOut

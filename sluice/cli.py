@@ -130,7 +130,15 @@ def flower(address: str, port: int, url_prefix: str | None) -> None:
 
 
 def _client(api: str, workspace: str) -> httpx.Client:
-    return httpx.Client(base_url=api, headers={"X-Workspace": workspace}, timeout=120)
+    """With SLUICE_API_KEY set, requests carry the key (whose workspace they act in);
+    `X-Workspace` is only read by an API with auth off."""
+    from sluice.settings import get_settings
+
+    headers = {"X-Workspace": workspace}
+    key = get_settings().api_key
+    if key is not None:
+        headers = {"Authorization": f"Bearer {key.get_secret_value()}"}
+    return httpx.Client(base_url=api, headers=headers, timeout=120)
 
 
 def _files(paths: tuple[Path, ...]) -> list[Path]:
@@ -414,3 +422,161 @@ def maintenance_run(entry: str, data_dir: Path | None) -> None:
 
     result = app.tasks[PERIODIC_TASKS[entry]]()
     click.echo(json.dumps(result, indent=2, sort_keys=True, default=str))
+
+
+@main.group()
+def keys() -> None:
+    """API keys (in the database of the SLUICE_* settings; the API needs SLUICE_AUTH_ENABLED=1
+    to ask for them)."""
+
+
+@keys.command("create")
+@click.option("--workspace", required=True)
+@click.option("--role", required=True, type=click.Choice(["reader", "writer", "admin"]),
+              help="reader: search, answers, read; writer: + upload, delete, cancel; "
+              "admin: + dead letters, keys, replay")
+@click.option("--name", default=None, help="A label for people.")
+@click.option("--rate-limit", default=None,
+              help="e.g. 100/minute [default: SLUICE_RATE_LIMIT_PER_KEY]")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None)
+def keys_create(workspace: str, role: str, name: str | None, rate_limit: str | None,
+                data_dir: Path | None) -> None:
+    """Create a key and print it, this once: only its hash is stored."""
+    _set_data_dir(data_dir)
+    from limits import parse
+
+    from api.auth import WORKSPACE_RE
+    from api.deps import ensure_workspace
+    from models.keys import Role, create_key
+    from sluice.db import session_scope
+
+    if not WORKSPACE_RE.match(workspace):
+        raise click.BadParameter("1-64 letters, digits, '_', '-', '.'", param_hint="--workspace")
+    if rate_limit is not None:
+        try:
+            parse(rate_limit)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--rate-limit") from exc
+    with session_scope() as session:
+        ensure_workspace(session, workspace)
+        new = create_key(session, workspace_id=workspace, role=Role(role), name=name,
+                         rate_limit=rate_limit)
+        key_id = new.key.id
+    click.echo(f"key {key_id} ({role} of workspace {workspace}); shown this once:", err=True)
+    click.echo(new.token)
+
+
+@keys.command("list")
+@click.option("--workspace", default=None, help="Only this workspace's keys.")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None)
+def keys_list(workspace: str | None, as_json: bool, data_dir: Path | None) -> None:
+    """Keys (never the keys themselves): id, workspace, role, created, last used, revoked."""
+    _set_data_dir(data_dir)
+    from models.keys import list_keys
+    from sluice.db import read_scope
+
+    with read_scope() as session:
+        rows = [{"id": k.id, "workspace": k.workspace_id, "role": k.role, "name": k.name,
+                 "rate_limit": k.rate_limit, "created_at": k.created_at,
+                 "last_used_at": k.last_used_at, "revoked_at": k.revoked_at}
+                for k in list_keys(session, workspace_id=workspace)]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    click.echo(f"{'ID':<17} {'WORKSPACE':<20} {'ROLE':<7} {'LAST USED':<20} {'REVOKED':<20} NAME")
+    for r in rows:
+        click.echo(f"{r['id']:<17} {r['workspace']:<20} {r['role']:<7} "
+                   f"{_when(r['last_used_at']):<20} {_when(r['revoked_at']):<20} "
+                   f"{r['name'] or ''}")
+
+
+def _when(value: Any) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S") if value is not None else "-"
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None)
+def keys_revoke(key_id: str, data_dir: Path | None) -> None:
+    """Revoke a key: from now on it gets 401."""
+    _set_data_dir(data_dir)
+    from models.keys import revoke_key
+    from sluice.db import session_scope
+
+    with session_scope() as session:
+        if revoke_key(session, key_id=key_id) is None:
+            raise click.ClickException(f"no key {key_id}")
+    click.echo(f"revoked {key_id}")
+
+
+@main.group()
+def quotas() -> None:
+    """Per-workspace quotas: the settings' defaults (SLUICE_QUOTA_*), overridable per
+    workspace."""
+
+
+def _quota_report(workspace: str) -> dict[str, Any]:
+    from api.deps import default_quota
+    from models import quotas as q
+    from sluice.db import read_scope
+
+    with read_scope() as session:
+        limits = q.effective_quota(session, workspace_id=workspace, defaults=default_quota())
+        used = q.usage(session, workspace_id=workspace)
+        return {"workspace": workspace,
+                "limits": {n: getattr(limits, n) for n in q.QUOTA_FIELDS},
+                "overrides": q.overrides(session, workspace_id=workspace),
+                "usage": {"documents": used.documents, "stored_bytes": used.stored_bytes,
+                          "queued_jobs": used.queued_jobs}}
+
+
+@quotas.command("show")
+@click.option("--workspace", required=True)
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None)
+def quotas_show(workspace: str, data_dir: Path | None) -> None:
+    """A workspace's quotas (null: unlimited), its overrides (null: the default) and usage."""
+    _set_data_dir(data_dir)
+    click.echo(json.dumps(_quota_report(workspace), indent=2))
+
+
+class _QuotaValue(click.ParamType):
+    name = "N|default"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> int | str:
+        if value == "default":
+            return "default"
+        try:
+            number = int(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a number nor 'default'", param, ctx)
+        if number < 0:
+            self.fail("must be 0 or more", param, ctx)
+        return number
+
+
+@quotas.command("set")
+@click.option("--workspace", required=True)
+@click.option("--documents", type=_QuotaValue(), default=None)
+@click.option("--stored-bytes", type=_QuotaValue(), default=None)
+@click.option("--queued-jobs", type=_QuotaValue(), default=None)
+@click.option("--answers-per-minute", type=_QuotaValue(), default=None)
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None)
+def quotas_set(workspace: str, data_dir: Path | None, **values: int | str | None) -> None:
+    """Override some of a workspace's quotas (`default` goes back to the setting); the
+    others are kept."""
+    _set_data_dir(data_dir)
+    from api.auth import WORKSPACE_RE
+    from api.deps import ensure_workspace
+    from models.quotas import set_overrides
+    from sluice.db import session_scope
+
+    if not WORKSPACE_RE.match(workspace):
+        raise click.BadParameter("1-64 letters, digits, '_', '-', '.'", param_hint="--workspace")
+    changes = {name: None if value == "default" else value
+               for name, value in values.items() if value is not None}
+    with session_scope() as session:
+        ensure_workspace(session, workspace)
+        set_overrides(session, workspace_id=workspace, values=changes)  # type: ignore[arg-type]
+    click.echo(json.dumps(_quota_report(workspace), indent=2))

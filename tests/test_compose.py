@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -79,3 +80,23 @@ def test_metrics_files_are_private_to_each_container(compose: dict[str, Any]) ->
         assert not env["PROMETHEUS_MULTIPROC_DIR"].startswith("/data")  # not the shared volume
         assert 0 < int(env["SLUICE_WORKER_METRICS_PORT"]) < 65536
     assert compose["services"]["api"]["environment"]["PROMETHEUS_MULTIPROC_DIR"]
+
+
+def test_production_settings_with_auth_and_no_secret_in_the_file(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, service in compose["services"].items():
+        if name in ("postgres", "redis"):
+            continue
+        env = service["environment"]
+        assert env["SLUICE_ENV"] == "production", name
+        assert env["SLUICE_AUTH_ENABLED"] == "1", name
+        for key in list(os.environ):
+            if key.startswith("SLUICE_"):
+                monkeypatch.delenv(key)
+        for key, value in env.items():  # these settings start (production with auth on)
+            if key.startswith("SLUICE_") and "${" not in str(value):
+                monkeypatch.setenv(key, str(value))
+        Settings()
+    token = compose["services"]["api"]["environment"]["SLUICE_ADMIN_TOKEN"]
+    assert token.startswith("${SLUICE_ADMIN_TOKEN")  # taken from the environment

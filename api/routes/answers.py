@@ -10,11 +10,20 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response
 from fastapi.concurrency import run_in_threadpool
 
-from api.deps import SessionDep, WorkspaceDep, ensure_workspace
+from api import ratelimit
+from api.deps import SessionDep, WorkspaceDep, default_quota, ensure_workspace
 from api.routes.jobs import job_out
-from api.schemas import AnswerRequest, JobAccepted, JobOut, SearchHit, SearchRequest, SearchResults
+from api.schemas import (
+    AnswerRequest,
+    ErrorBody,
+    JobAccepted,
+    JobOut,
+    SearchHit,
+    SearchRequest,
+    SearchResults,
+)
 from api.state import publish_job, query_encoder
-from models import Job, JobKind, Stage, ledger
+from models import Job, JobKind, Stage, ledger, quotas
 from models.entities import FINAL_STATES
 from sluice.db import read_scope, session_scope
 from sluice.logs import bind_context
@@ -28,7 +37,7 @@ POLL_S = 0.05
 
 
 @router.post("/answers", status_code=202, response_model=JobAccepted | JobOut,
-             responses={200: {"model": JobOut}})
+             responses={200: {"model": JobOut}, 429: {"model": ErrorBody}})
 async def ask(
     body: AnswerRequest,
     workspace: WorkspaceDep,
@@ -38,6 +47,7 @@ async def ask(
     """Ask a question over the workspace's documents. Returns `202 {"job_id"}`; with
     `?wait=SECONDS` it waits up to that long and returns the finished job (`200`), whose
     `result` holds `{"answer", "citations": [...], "answered"}`."""
+    await run_in_threadpool(_count_answer, workspace)
     job_id = await run_in_threadpool(_create_answer_job, workspace, body)
     bind_context(job_id=job_id)
     log.info("question queued as job %s", job_id)
@@ -54,9 +64,29 @@ async def ask(
     return JobAccepted(job_id=job_id)
 
 
+def _count_answer(workspace: str) -> None:
+    """The workspace's answers-per-minute quota, a moving window (429 over it)."""
+    with read_scope() as session:
+        per_minute = quotas.effective_quota(session, workspace_id=workspace,
+                                            defaults=default_quota()).answers_per_minute
+    if per_minute is None:
+        return
+    wait = ratelimit.hit(ratelimit.per_minute(per_minute), "answers", workspace)
+    if wait is not None:
+        raise quotas.QuotaExceeded(
+            status=429, code="answer_quota_exceeded", retry_after_s=wait,
+            message=f"the workspace may ask {per_minute} questions a minute; retry in {wait} s")
+
+
 def _create_answer_job(workspace: str, body: AnswerRequest) -> str:
+    settings = get_settings()
     with session_scope() as session:
         ensure_workspace(session, workspace)
+        quotas.lock_workspace(session, workspace_id=workspace)
+        quota = quotas.effective_quota(session, workspace_id=workspace,
+                                       defaults=default_quota(settings))
+        quotas.check_job(session, workspace_id=workspace, quota=quota,
+                         retry_after_s=settings.quota_retry_after_s)
         job = ledger.create_job(session, workspace_id=workspace, kind=JobKind.ANSWER,
                                 stage=Stage.ANSWER,
                                 payload={"question": body.question, "top_k": body.top_k})
@@ -78,6 +108,7 @@ def search(body: SearchRequest, session: SessionDep, workspace: WorkspaceDep) ->
     passages = hybrid_search(
         session, workspace_id=workspace, query=body.query, encode_query=encoder.encode_one,
         top_k=body.top_k, candidates=get_settings().search_candidates, mode=body.mode,
+        embedding_version=encoder.model_version,
     )
     return SearchResults(
         query=body.query,

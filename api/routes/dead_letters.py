@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel
 from sqlalchemy import Select, delete, select
 
-from api.deps import SessionDep, WorkspaceDep
+from api.deps import AdminWorkspaceDep, SessionDep
 from api.errors import ApiError, not_found
 from api.routes.jobs import job_out
 from api.schemas import ErrorBody, JobOut
@@ -89,7 +89,7 @@ Queue = Annotated[str | None, Query(description="parse, embed, answer or mainten
 @router.get("", response_model=DeadLetterList)
 def list_dead_letters(
     session: SessionDep,
-    workspace: WorkspaceDep,
+    workspace: AdminWorkspaceDep,
     queue: Queue = None,
     error_code: str | None = None,
     since: datetime | None = None,
@@ -103,7 +103,9 @@ def list_dead_letters(
 
 
 @router.get("/{job_id}", response_model=DeadLetter, responses={404: {"model": ErrorBody}})
-def get_dead_letter(job_id: str, session: SessionDep, workspace: WorkspaceDep) -> DeadLetter:
+def get_dead_letter(
+    job_id: str, session: SessionDep, workspace: AdminWorkspaceDep
+) -> DeadLetter:
     """One dead job with every attempt, its error and traceback."""
     job = _owned_dead(session, workspace, job_id)
     attempts = session.scalars(
@@ -114,7 +116,7 @@ def get_dead_letter(job_id: str, session: SessionDep, workspace: WorkspaceDep) -
 
 
 @router.post("/{job_id}/replay", response_model=JobOut, responses={404: {"model": ErrorBody}})
-def replay_dead_letter(job_id: str, workspace: WorkspaceDep) -> JobOut:
+def replay_dead_letter(job_id: str, workspace: AdminWorkspaceDep) -> JobOut:
     """Queue the job again at the stage where it died; its history is kept."""
     with session_scope() as session:
         stage = _replay(session, _owned_dead(session, workspace, job_id))
@@ -126,7 +128,7 @@ def replay_dead_letter(job_id: str, workspace: WorkspaceDep) -> JobOut:
 
 @router.post("/replay", response_model=ReplayResult)
 def replay_dead_letters(
-    workspace: WorkspaceDep,
+    workspace: AdminWorkspaceDep,
     queue: Queue = None,
     error_code: str | None = None,
     since: datetime | None = None,
@@ -142,7 +144,7 @@ def replay_dead_letters(
 
 
 @router.delete("/{job_id}", status_code=204, responses={404: {"model": ErrorBody}})
-def discard_dead_letter(job_id: str, workspace: WorkspaceDep) -> Response:
+def discard_dead_letter(job_id: str, workspace: AdminWorkspaceDep) -> Response:
     """Discard a dead job and its attempts for good."""
     with session_scope() as session:
         _owned_dead(session, workspace, job_id)

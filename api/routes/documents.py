@@ -9,14 +9,20 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import func, select
 
-from api.deps import SessionDep, WorkspaceDep, ensure_workspace
+from api.deps import (
+    SessionDep,
+    WorkspaceDep,
+    WriterWorkspaceDep,
+    default_quota,
+    ensure_workspace,
+)
 from api.errors import ApiError, not_found
 from api.schemas import DocumentList, DocumentOut, ErrorBody, ErrorInfo, UploadAccepted
 from api.state import blob_store, publish_job
 from api.uploads import FILE_FIELD, FORM_FIELDS_MAX_BYTES, MultipartUpload, clean_filename
-from models import Document, Job, JobKind, Stage, ledger
+from models import Document, Job, JobKind, Stage, ledger, quotas
 from sluice.blobs import BlobTooLarge, StoredBlob
-from sluice.db import session_scope
+from sluice.db import read_scope, session_scope
 from sluice.logs import bind_context
 from sluice.settings import get_settings
 
@@ -32,14 +38,14 @@ BODY_OVERHEAD = FORM_FIELDS_MAX_BYTES + 64 * 1024
     status_code=202,
     response_model=UploadAccepted,
     responses={200: {"model": UploadAccepted}, 413: {"model": ErrorBody},
-               422: {"model": ErrorBody}},
+               422: {"model": ErrorBody}, 429: {"model": ErrorBody}},
     openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {
         "schema": {"type": "object", "required": [FILE_FIELD], "properties": {
             FILE_FIELD: {"type": "string", "format": "binary"}}}}}}},
 )
 async def upload_document(
     request: Request,
-    workspace: WorkspaceDep,
+    workspace: WriterWorkspaceDep,
     response: Response,
     force: Annotated[bool, Query(description="Ingest again even if identical bytes exist")] = False,
 ) -> UploadAccepted:
@@ -51,11 +57,17 @@ async def upload_document(
     Identical bytes already in the workspace return the existing document with `200` and
     `"duplicate": true`, unless `force=true`."""
     settings = get_settings()
+    room = await run_in_threadpool(_room_for_upload, workspace)
+    limit = settings.max_upload_bytes if room is None else min(settings.max_upload_bytes, room)
+    announced = request.headers.get("content-length", "")
+    if room is not None and announced.isdigit() and int(announced) > room + BODY_OVERHEAD:
+        raise _storage_quota(room)
     upload = MultipartUpload(request, max_body_bytes=settings.max_upload_bytes + BODY_OVERHEAD)
     try:
-        blob = await blob_store().store_stream(workspace, upload.file_chunks(),
-                                               max_bytes=settings.max_upload_bytes)
+        blob = await blob_store().store_stream(workspace, upload.file_chunks(), max_bytes=limit)
     except BlobTooLarge as exc:
+        if room is not None and room < settings.max_upload_bytes:
+            raise _storage_quota(room) from exc
         raise ApiError(413, "too_large", str(exc)) from exc
     filename = clean_filename(upload.filename)
     accepted = await run_in_threadpool(
@@ -74,11 +86,37 @@ async def upload_document(
     return accepted
 
 
+def _room_for_upload(workspace: str) -> int | None:
+    """Bytes the workspace may still store (None: no storage quota). Refuses at once what
+    cannot fit whatever the size (document count, unfinished jobs, storage full), so a
+    refused upload is not even read."""
+    settings = get_settings()
+    with read_scope() as session:
+        quota = quotas.effective_quota(session, workspace_id=workspace,
+                                       defaults=default_quota(settings))
+        quotas.check_document(session, workspace_id=workspace, quota=quota, size_bytes=0,
+                              retry_after_s=settings.quota_retry_after_s)
+        if quota.stored_bytes is None:
+            return None
+        return quota.stored_bytes - quotas.usage(session, workspace_id=workspace).stored_bytes
+
+
+def _storage_quota(room: int) -> ApiError:
+    return ApiError(413, "storage_quota_exceeded",
+                    f"the upload does not fit the workspace's storage quota ({room} bytes left)")
+
+
 def _record_upload(
     *, workspace: str, blob: StoredBlob, filename: str, content_type: str | None, force: bool
 ) -> UploadAccepted:
+    """The document and its job, in one transaction, if they still fit the quotas (checked
+    under the workspace's lock: concurrent uploads cannot both take the last place). A
+    refused upload leaves no row; its blob, if no document uses it, goes with the orphan
+    purge."""
+    settings = get_settings()
     with session_scope() as session:
         ensure_workspace(session, workspace)
+        quotas.lock_workspace(session, workspace_id=workspace)
         if not force:
             existing = session.execute(
                 select(Document.id, Job.id)
@@ -90,6 +128,10 @@ def _record_upload(
             ).first()
             if existing is not None:
                 return UploadAccepted(document_id=existing[0], job_id=existing[1], duplicate=True)
+        quota = quotas.effective_quota(session, workspace_id=workspace,
+                                       defaults=default_quota(settings))
+        quotas.check_document(session, workspace_id=workspace, quota=quota,
+                              size_bytes=blob.size, retry_after_s=settings.quota_retry_after_s)
         doc = Document(workspace_id=workspace, filename=filename, content_type=content_type,
                        sha256=blob.sha256, size_bytes=blob.size)
         session.add(doc)
@@ -126,7 +168,7 @@ def get_document(document_id: str, session: SessionDep, workspace: WorkspaceDep)
 
 
 @router.delete("/{document_id}", status_code=204, responses={404: {"model": ErrorBody}})
-def delete_document(document_id: str, workspace: WorkspaceDep) -> Response:
+def delete_document(document_id: str, workspace: WriterWorkspaceDep) -> Response:
     """Delete a document with its chunks and vectors; an ingest still running is cancelled."""
     with session_scope() as session:
         doc = _owned_document(session, workspace, document_id)

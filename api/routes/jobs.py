@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from sqlalchemy import select
 
-from api.deps import SessionDep, WorkspaceDep
+from api.deps import SessionDep, WorkspaceDep, WriterWorkspaceDep
 from api.errors import not_found
 from api.schemas import ErrorBody, ErrorInfo, JobOut, PartsOut
 from models import Job, ledger
@@ -44,7 +44,7 @@ def get_job(job_id: str, session: SessionDep, workspace: WorkspaceDep) -> JobOut
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, responses={404: {"model": ErrorBody}})
-def cancel_job(job_id: str, workspace: WorkspaceDep) -> JobOut:
+def cancel_job(job_id: str, workspace: WriterWorkspaceDep) -> JobOut:
     """Cancel a job: a queued job never starts; a running one stops at its next checkpoint
     and leaves no partial data."""
     with session_scope() as session:
