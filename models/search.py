@@ -3,6 +3,13 @@
 Both filter by workspace inside the index query (a sqlite-vec partition key; a WHERE clause
 that pgvector's iterative HNSW scan honours), so a search neither leaks another workspace's
 chunks nor loses results to a fetch-then-filter. Only chunks of ready documents are returned.
+
+Dense search compares the query only with vectors of its own model version: while the
+re-embed sweep moves an index to a new model, chunks still holding the old model's vectors
+(another space, perhaps another dimension) are left out of dense results, and found by
+full-text search alone until they are re-embedded. On PostgreSQL the version is part of the
+HNSW scan's WHERE; on SQLite it is checked on the k nearest, so during a switch a dense
+search may return fewer than k (never a wrong neighbour).
 """
 
 from __future__ import annotations
@@ -29,8 +36,11 @@ SQLITE_FULLTEXT = """
 """
 
 
-def dense_search(session: Session, *, workspace_id: str, vector: np.ndarray, limit: int) -> Ranking:
-    """(chunk id, cosine similarity) best first."""
+def dense_search(session: Session, *, workspace_id: str, vector: np.ndarray, limit: int,
+                 version: str | None = None) -> Ranking:
+    """(chunk id, cosine similarity) best first, among chunks whose vectors are of model
+    version `version` (any, when None)."""
+    same_model = "" if version is None else " AND c.embedding_version = :version"
     query = np.asarray(vector, dtype=np.float32)
     if session.get_bind().dialect.name == "postgresql":
         # Transaction-local: iterative scans keep filtered HNSW searches from losing results.
@@ -45,11 +55,12 @@ def dense_search(session: Session, *, workspace_id: str, vector: np.ndarray, lim
                 SELECT c.id, 1 - (c.embedding <=> CAST(:q AS vector)) AS score
                 FROM chunks c JOIN documents d ON d.id = c.document_id
                 WHERE c.workspace_id = :ws AND c.embedding IS NOT NULL AND d.status = 'ready'
+                """ + same_model + """
                 ORDER BY c.embedding <=> CAST(:q AS vector)
                 LIMIT :k
                 """
             ),
-            {"q": _pg_vector_literal(query), "ws": workspace_id, "k": limit},
+            {"q": _pg_vector_literal(query), "ws": workspace_id, "k": limit, "version": version},
         )
         return sorted(((int(r[0]), float(r[1])) for r in rows), key=lambda r: -r[1])
     rows = session.execute(
@@ -61,10 +72,11 @@ def dense_search(session: Session, *, workspace_id: str, vector: np.ndarray, lim
             JOIN documents d ON d.id = c.document_id
             WHERE v.embedding MATCH :q AND v.k = :k AND v.workspace_id = :ws
               AND d.status = 'ready'
+            """ + same_model + """
             ORDER BY v.distance
             """
         ),
-        {"q": query.tobytes(), "ws": workspace_id, "k": limit},
+        {"q": query.tobytes(), "ws": workspace_id, "k": limit, "version": version},
     )
     return [(int(r[0]), 1.0 - float(r[1])) for r in rows]
 

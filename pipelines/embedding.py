@@ -41,6 +41,27 @@ def default_model_version() -> str:
     return f"{MODEL_NAME}@{metadata.version(MODEL_PACKAGE)}"
 
 
+def is_packaged(model_path: Path) -> bool:
+    """Whether ``model_path`` is the packaged all-MiniLM-L6-v2 directory."""
+    try:
+        return model_path.resolve() == Path(default_model_path()).resolve()
+    except ImportError:
+        return False
+
+
+def model_name_of(model_path: Path) -> str:
+    name = model_path.name
+    return MODEL_NAME if name.lower() == MODEL_NAME.lower() or is_packaged(model_path) else name
+
+
+def model_version_of(model_path: Path) -> str:
+    """The version stored with every vector of the model at ``model_path`` (and asked of a
+    query vector): vectors of different versions must never be compared."""
+    if is_packaged(model_path):
+        return default_model_version()
+    return f"{model_name_of(model_path)}@{_weights_fingerprint(model_path)}"
+
+
 def _weights_fingerprint(model_path: Path) -> str:
     """A short content hash of a model directory's weight files, for models not from the package."""
     digest = hashlib.sha256()
@@ -95,17 +116,13 @@ class Embedder:
 
     @property
     def model_name(self) -> str:
-        name = self._model_path.name
-        return MODEL_NAME if name.lower() == MODEL_NAME.lower() or self._is_packaged() else name
+        return model_name_of(self._model_path)
 
     @property
     def model_version(self) -> str:
         """Stored with every vector: vectors of different versions must never be compared."""
         if self._model_version is None:
-            if self._is_packaged():
-                self._model_version = default_model_version()
-            else:
-                self._model_version = f"{self.model_name}@{_weights_fingerprint(self._model_path)}"
+            self._model_version = model_version_of(self._model_path)
         return self._model_version
 
     @property
@@ -146,12 +163,6 @@ class Embedder:
             out[rows] = batch
         assert out is not None
         return out
-
-    def _is_packaged(self) -> bool:
-        try:
-            return self._model_path.resolve() == Path(default_model_path()).resolve()
-        except ImportError:
-            return False
 
     def _load(self) -> SentenceTransformer:
         if self._model is not None:

@@ -109,6 +109,7 @@ class NumpyQueryEncoder:
         self._config = read_encoder_config(self._model_dir)
         self._weights: _Weights | None = None
         self._tokenizer: Any = None
+        self._model_version: str | None = None
         self._lock = threading.Lock()
 
     @property
@@ -118,6 +119,15 @@ class NumpyQueryEncoder:
     @property
     def config(self) -> EncoderConfig:
         return self._config
+
+    @property
+    def model_version(self) -> str:
+        """The version of the model (as stored with the workers' vectors), computed once."""
+        if self._model_version is None:
+            from pipelines.embedding import model_version_of
+
+            self._model_version = model_version_of(self._model_dir)
+        return self._model_version
 
     @property
     def dimension(self) -> int:

@@ -25,15 +25,19 @@ def hybrid_search(
     top_k: int,
     candidates: int = 50,
     mode: str = "hybrid",
+    embedding_version: str | None = None,
 ) -> list[Passage]:
     """The `top_k` passages of `workspace_id` best matching `query`.
 
-    `mode` is "hybrid" (default), "dense" or "fulltext"."""
+    `mode` is "hybrid" (default), "dense" or "fulltext". `embedding_version` is the model
+    version of `encode_query`'s vectors: dense search skips chunks embedded by another model
+    (during a model switch); None compares with every vector."""
     limit = max(candidates, top_k)
     rankings: list[Sequence[tuple[int, float]]] = []
     if mode in ("hybrid", "dense"):
         rankings.append(dense_search(session, workspace_id=workspace_id,
-                                     vector=encode_query(query), limit=limit))
+                                     vector=encode_query(query), limit=limit,
+                                     version=embedding_version))
     if mode in ("hybrid", "fulltext"):
         rankings.append(fulltext_search(session, workspace_id=workspace_id,
                                         terms=fts_query_terms(query), limit=limit))

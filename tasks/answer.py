@@ -32,7 +32,7 @@ def _answer(ctx: StageContext) -> Handoff:
         passages = hybrid_search(
             session, workspace_id=ctx.workspace_id, query=question,
             encode_query=lambda q: embedder.encode([q])[0], top_k=top_k,
-            candidates=settings.search_candidates,
+            candidates=settings.search_candidates, embedding_version=embedder.model_version,
         )
     ctx.checkpoint(progress=0.5)
     answer = resources.generator().generate(question, passages)

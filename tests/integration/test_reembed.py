@@ -317,3 +317,36 @@ def test_beat_and_a_real_maintenance_worker_sweep_to_the_new_version(
     assert all(v == {(new.model_name, new.model_version)} for v in _versions().values())
     _check_searches(ids, [NumpyQueryEncoder(new_model_dir).encode_one])
     assert "re-embed sweep to minilm-l6-v2-retrained" in s.log("worker0")
+
+
+def test_dense_search_compares_the_query_only_with_vectors_of_its_model(
+    any_db: dict[str, str], monkeypatch: pytest.MonkeyPatch, old_model: Embedder,
+    new_model_dir: Path,
+) -> None:
+    """Halfway through a model switch, a query of the new model meets only the re-embedded
+    chunks in dense search (the old vectors are another space), and the old model's query only
+    the old ones; full-text search still finds every document."""
+    ids = _seed(old_model)
+    _configure(monkeypatch, SLUICE_EMBEDDING_MODEL_PATH=str(new_model_dir),
+               SLUICE_REEMBED_CHUNKS_PER_RUN="3")
+    new = resources.embedder()
+    api_encoder = NumpyQueryEncoder(new_model_dir)
+    assert api_encoder.model_version == new.model_version != OLD_VERSION
+    assert maintenance.reembed_outdated_chunks()["documents"] == 1
+    swept = {doc for doc, versions in _versions().items()
+             if versions == {(new.model_name, new.model_version)}}
+    assert len(swept) == 1
+    with read_scope() as session:
+        for question in QUESTIONS:
+            for encode, version, allowed in (
+                (api_encoder.encode_one, new.model_version, swept),
+                (lambda q: old_model.encode([q])[0], OLD_VERSION, set(ids.values()) - swept),
+            ):
+                dense = hybrid_search(session, workspace_id="ws", query=question,
+                                      encode_query=encode, top_k=10, mode="dense",
+                                      embedding_version=version)
+                assert dense and {p.document_id for p in dense} <= allowed, (question, version)
+            hybrid = hybrid_search(session, workspace_id="ws", query=question,
+                                   encode_query=api_encoder.encode_one, top_k=10,
+                                   embedding_version=new.model_version)
+            assert ids[QUESTIONS[question]] in {p.document_id for p in hybrid}, question
