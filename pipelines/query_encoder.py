@@ -186,15 +186,21 @@ class NumpyQueryEncoder:
         key_bias = key_bias[:, None, None, :]  # (n, 1, 1, seq)
         for layer in weights.layers:
             hidden = _encoder_layer(hidden, layer, key_bias, config=config, shape=(n, seq))
-        tokens = hidden.reshape(n, seq, config.hidden_size)
-        mask = batch.attention_mask[:, :, None]
-        summed = (tokens * mask).sum(axis=1)
-        counts = np.maximum(mask.sum(axis=1), np.float32(_POOLING_MIN_TOKENS))
-        pooled: Vectors = (summed / counts).astype(np.float32)
-        if config.normalize:
-            norms = np.linalg.norm(pooled, axis=1, keepdims=True)
-            pooled = pooled / np.maximum(norms, np.float32(_NORMALIZE_EPS))
-        return pooled
+        return pool(hidden.reshape(n, seq, config.hidden_size), batch.attention_mask,
+                    normalize=config.normalize)
+
+
+def pool(tokens: FloatArray, attention_mask: FloatArray, *, normalize: bool) -> Vectors:
+    """sentence-transformers' ``Pooling`` (mean over real tokens) and ``Normalize`` (L2) of a
+    last hidden state ``(n, seq, hidden)``."""
+    mask = attention_mask[:, :, None].astype(np.float32)
+    summed = (tokens * mask).sum(axis=1)
+    counts = np.maximum(mask.sum(axis=1), np.float32(_POOLING_MIN_TOKENS))
+    pooled: Vectors = (summed / counts).astype(np.float32)
+    if normalize:
+        norms = np.linalg.norm(pooled, axis=1, keepdims=True)
+        pooled = pooled / np.maximum(norms, np.float32(_NORMALIZE_EPS))
+    return pooled
 
 
 def read_encoder_config(model_dir: Path) -> EncoderConfig:

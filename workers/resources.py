@@ -40,6 +40,8 @@ def embedder() -> Embedder:
                 model_path=settings.embedding_model_path or default_model_path(),
                 batch_size=settings.embedding_batch_size,
                 threads=settings.embedding_threads,
+                backend=settings.embedding_backend,
+                graph_dir=settings.resolved_data_dir / "models",
             )
         return _embedder
 

@@ -87,3 +87,44 @@ def test_rejects_bad_settings() -> None:
         Embedder("x", batch_size=0)
     with pytest.raises(ValueError):
         Embedder("x", threads=0)
+
+
+def test_onnx_backend_gives_sentence_transformers_vectors(
+    embedder: Embedder, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The graph is exported once from the packaged weights (nothing downloaded) and gives the
+    same vectors, truncation of a >256-token text included; a second embedder reuses it."""
+    long_text = " ".join(["The quarterly report discussed revenue, margins and outlook."] * 60)
+    texts = [*TEXTS, long_text]
+    reference = embedder.encode(texts)
+    onnx = Embedder.default(batch_size=2, backend="onnx", graph_dir=tmp_path / "models")
+    vectors = onnx.encode(texts)
+    assert onnx.backend == "onnx" and onnx.loaded
+    assert vectors.shape == reference.shape and vectors.dtype == np.float32
+    np.testing.assert_allclose(vectors, reference, atol=1e-5)
+    assert onnx.model_version == embedder.model_version  # same vectors, same version
+    graphs = list((tmp_path / "models").glob("*.onnx"))
+    assert len(graphs) == 1 and not list((tmp_path / "models").glob("*.tmp"))
+    mtime = graphs[0].stat().st_mtime_ns
+    again = Embedder.default(backend="onnx", graph_dir=tmp_path / "models")
+    np.testing.assert_allclose(again.encode(texts[:2]), reference[:2], atol=1e-5)
+    assert graphs[0].stat().st_mtime_ns == mtime  # not exported again
+
+
+def test_onnx_backend_falls_back_to_torch_for_a_model_it_cannot_run(
+    embedder: Embedder, tmp_path: Path,
+) -> None:
+    model = tmp_path / "max-pooled"
+    model.mkdir()
+    for entry in Path(default_model_path()).iterdir():
+        if entry.name != "1_Pooling":
+            (model / entry.name).symlink_to(entry)
+    (model / "1_Pooling").mkdir()
+    (model / "1_Pooling" / "config.json").write_text(
+        '{"word_embedding_dimension": 384, "pooling_mode_mean_tokens": false, '
+        '"pooling_mode_max_tokens": true}')
+    fallback = Embedder(model, backend="onnx", graph_dir=tmp_path / "models")
+    vectors = fallback.encode(TEXTS[:2])
+    assert fallback.backend == "torch"
+    assert vectors.shape == (2, 384)
+    assert not np.allclose(vectors, embedder.encode(TEXTS[:2]), atol=1e-3)  # max, not mean
