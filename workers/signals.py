@@ -1,9 +1,12 @@
-"""Worker signal handlers: fresh database connections after fork, logging set up once,
-metrics files of exited children retired and a worker's own metrics port."""
+"""Worker signal handlers: fresh database connections after fork, the embedding model warmed in
+the background, logging set up once, metrics files of exited children retired and a worker's own
+metrics port."""
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from typing import Any
 
 from billiard.exceptions import WorkerLostError
@@ -23,12 +26,35 @@ from sluice.db import dispose_engine
 from sluice.logs import bind_context, clear_context, configure_logging
 from sluice.settings import get_settings
 
+log = logging.getLogger(__name__)
+
+# Queues whose tasks encode with the embedding model.
+_EMBEDDING_QUEUES = frozenset({"embed", "answer"})
+
 
 @worker_process_init.connect
-def _after_fork(**_: Any) -> None:
-    # Never share the parent's connections with a forked child. (Must return fast: models
-    # load lazily on first use, not here.)
+def _after_fork(sender: Any = None, **_: Any) -> None:
+    # Never share the parent's connections with a forked child. (Must return fast, or the
+    # pool takes the child for hung: anything slow to load starts here in a thread.)
     dispose_engine(after_fork=True)
+    from workers.app import app
+
+    consumed = {queue.name for queue in app.amqp.queues.consume_from.values()}
+    if consumed & _EMBEDDING_QUEUES and "parse" not in consumed:
+        threading.Thread(target=_warm_embedder, name="warm-embedder", daemon=True).start()
+
+
+def _warm_embedder() -> None:
+    """Load the embedding model (exporting its onnx graph the first time: 1.5 s idle, 30 s on
+    a busy machine) before the first document needs it; that task waits on the same lock. No
+    parse pool runs this: a thread alive while the parse sandbox forks could leave a lock
+    held in the child."""
+    from workers import resources
+
+    try:
+        resources.embedder().encode(["warm-up"])
+    except Exception:  # noqa: BLE001 - the first task loads it again and fails with the cause
+        log.exception("warming the embedding model failed")
 
 
 @worker_process_shutdown.connect

@@ -1,0 +1,258 @@
+"""Embedding efficiency: documents ingested end to end, against the limit measured in the same run.
+
+    .venv/bin/python bench/ingest.py                    # 1,000 SciFact abstracts + the 20 10-Q PDFs
+    .venv/bin/python bench/ingest.py --docs 5183        # every SciFact abstract
+    .venv/bin/python bench/ingest.py --only small --docs 200    # a smoke run
+
+Two corpora: many small documents (SciFact abstracts, each written out as a .txt file: title,
+blank line, abstract) and a few large ones (the 10-Q PDFs of ../shared/data/qa/docugami-sec-10-q).
+Each goes end to end through the real API (uvicorn), the broker and real worker processes on the
+embedded default (SQLite + filesystem broker; the pools of `sluice up`: parse prefork 2, embed
+prefork 1, answer+maintenance 1) — from the first upload to the last job `succeeded`.
+
+The limit, measured afterwards in this process with the workers stopped (so nothing competes):
+
+- `encode`: the same chunks (read back from the database) encoded by
+  `SentenceTransformer.encode` directly, at its best batch size of 16/32/64 (chosen on a
+  sample); the issue's target is end-to-end chunks/s >= 0.85 of this for the small corpus;
+- `onnx`: the same chunks through Sluice's own encoder (`Embedder`, onnx backend) directly;
+- `partition`: the same files through `parse_document` directly, one after another.
+
+Ratios: `vs_encode` = end-to-end chunks/s / raw-encode chunks/s; `vs_encode_and_partition` =
+(encode s + partition s) / end-to-end s (the pipeline against doing its two heavy steps back
+to back with nothing else). The last line is one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench._common import log, machine, print_json, table  # noqa: E402
+from tests import corpus_harness as harness  # noqa: E402
+from tests.stack import FINAL, Stack  # noqa: E402
+
+DATA = REPO.parent / "shared" / "data"
+SCIFACT = DATA / "scifact" / "corpus.jsonl"
+TEN_Q = DATA / "qa" / "docugami-sec-10-q" / "data" / "v1" / "docs"
+BATCH_SIZES = (16, 32, 64)
+SCIFACT_DOCS = 5183
+WARM_UP_DOCS = 6
+UPLOADERS = 8
+
+
+def scifact_files(target: Path, docs: int, *, skip: int = 0) -> list[Path]:
+    target.mkdir(parents=True, exist_ok=True)
+    files: list[Path] = []
+    with SCIFACT.open() as corpus:
+        for n, line in enumerate(corpus):
+            if n < skip:
+                continue
+            if len(files) >= docs:
+                break
+            doc = json.loads(line)
+            path = target / f"scifact-{doc['_id']}.txt"
+            path.write_text(f"{doc['title']}\n\n{doc['text']}\n")
+            files.append(path)
+    return files
+
+
+def _ingest(client: Any, files: list[Path]) -> list[str]:
+    """Upload `files` (from `UPLOADERS` threads) and wait until every job is final."""
+    from sqlalchemy import func, select
+
+    from models import Job
+    from sluice.db import read_scope
+
+    with ThreadPoolExecutor(UPLOADERS) as pool:
+        def upload(path: Path) -> str:
+            with path.open("rb") as body:
+                resp = client.post("/v1/documents", files={"file": (path.name, body)})
+            resp.raise_for_status()
+            return str(resp.json()["job_id"])
+
+        job_ids = list(pool.map(upload, files))
+    log(f"{len(files)} files uploaded; waiting for their jobs")
+    while True:
+        with read_scope() as session:
+            done = session.scalar(select(func.count()).select_from(Job).where(
+                Job.id.in_(job_ids), Job.state.in_(FINAL))) or 0
+        if done == len(job_ids):
+            return job_ids
+        time.sleep(0.25)
+
+
+def end_to_end(files: list[Path], warm_up: list[Path], env: dict[str, str], work: Path
+               ) -> dict[str, Any]:
+    """Every file through the API and the workers: the wall time from the first upload to the
+    last final job, and the chunks they made. The workers are warm first (a few other
+    documents ingested), as they are in service: their first task loads the parser and the
+    model, which a long-running worker does once."""
+    from sqlalchemy import func, select
+
+    from models import Chunk, Job
+    from sluice.db import read_scope
+
+    stacks: list[Stack] = []
+    try:
+        harness.start_stacks(harness.stack_factory(env, work / "logs", stacks))
+        with stacks[0].client() as client:
+            log(f"warming the workers with {len(warm_up)} other documents")
+            _ingest(client, warm_up)
+            load_before = machine()["loadavg"]
+            started = time.perf_counter()
+            job_ids = _ingest(client, files)
+            wall_s = time.perf_counter() - started
+        with read_scope() as session:
+            states = dict(session.execute(
+                select(Job.state, func.count()).where(Job.id.in_(job_ids))
+                .group_by(Job.state)).all())
+            documents = select(Job.document_id).where(Job.id.in_(job_ids))
+            texts = list(session.scalars(select(Chunk.text).where(
+                Chunk.document_id.in_(documents)).order_by(Chunk.id)))
+    finally:
+        for s in stacks:
+            s.stop()
+    chunks = len(texts)
+    return {"files": len(files), "succeeded": states.get("succeeded", 0), "states": states,
+            "chunks": chunks, "wall_s": wall_s,
+            "chunks_per_s": chunks / wall_s, "docs_per_s": len(files) / wall_s,
+            "loadavg_during": [load_before, machine()["loadavg"]], "_texts": texts}
+
+
+def raw_encode(texts: list[str]) -> dict[str, Any]:
+    """SentenceTransformer.encode directly at its best batch size (picked on a sample)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from sentence_transformers import SentenceTransformer
+
+    from pipelines.embedding import default_model_path
+
+    model = SentenceTransformer(default_model_path(), device="cpu")
+    sample = texts[: min(len(texts), 256)]
+    model.encode(sample[:32], batch_size=32)  # warm-up
+    per_batch = {}
+    for size in BATCH_SIZES:
+        started = time.perf_counter()
+        model.encode(sample, batch_size=size, normalize_embeddings=True)
+        per_batch[size] = len(sample) / (time.perf_counter() - started)
+    best = max(per_batch, key=lambda size: per_batch[size])
+    started = time.perf_counter()
+    model.encode(texts, batch_size=best, normalize_embeddings=True)
+    seconds = time.perf_counter() - started
+    return {"batch_size": best, "sample_chunks_per_s_by_batch": per_batch, "s": seconds,
+            "chunks_per_s": len(texts) / seconds}
+
+
+def onnx_encode(texts: list[str], graph_dir: Path) -> dict[str, Any]:
+    from pipelines.embedding import Embedder
+
+    embedder = Embedder.default(backend="onnx", graph_dir=graph_dir)
+    embedder.encode(texts[:32])  # export/load and warm up
+    started = time.perf_counter()
+    embedder.encode(texts)
+    seconds = time.perf_counter() - started
+    return {"s": seconds, "chunks_per_s": len(texts) / seconds}
+
+
+def partition(files: list[Path], tagger: Path) -> dict[str, Any]:
+    from pipelines.parsing import parse_document, warm_up
+
+    warm_up(tagger)
+    started = time.perf_counter()
+    for path in files:
+        parse_document(path, filename=path.name, tagger_path=tagger)
+    seconds = time.perf_counter() - started
+    return {"s": seconds, "docs_per_s": len(files) / seconds}
+
+
+def run(name: str, files: list[Path], warm_up: list[Path], env: dict[str, str], work: Path,
+        tagger: Path) -> dict[str, Any]:
+    log(f"[{name}] end to end")
+    harness.configure({**env, "SLUICE_DATA_DIR": str(work / name)})
+    e2e = end_to_end(files, warm_up, {**env, "SLUICE_DATA_DIR": str(work / name)},
+                     work / name)
+    texts = e2e.pop("_texts")
+    log(f"[{name}] {e2e['chunks']} chunks in {e2e['wall_s']:.1f} s; the limit: raw encode")
+    encode = raw_encode(texts)
+    log(f"[{name}] onnx encoder directly")
+    onnx = onnx_encode(texts, work / "graphs")
+    log(f"[{name}] partition directly")
+    parse = partition(files, tagger)
+    return {
+        "end_to_end": e2e, "encode": encode, "onnx_encode": onnx, "partition": parse,
+        "vs_encode": e2e["chunks_per_s"] / encode["chunks_per_s"],
+        "vs_onnx_encode": e2e["chunks_per_s"] / onnx["chunks_per_s"],
+        "vs_encode_and_partition": (encode["s"] + parse["s"]) / e2e["wall_s"],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--docs", type=int, default=1000,
+                        help=f"SciFact abstracts (max {SCIFACT_DOCS - WARM_UP_DOCS})")
+    parser.add_argument("--only", choices=("small", "large"))
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="a setting for every process, e.g. SLUICE_EMBEDDING_BACKEND=torch")
+    parser.add_argument("--keep", action="store_true", help="keep the data dirs and logs")
+    args = parser.parse_args()
+
+    from pipelines.nlp.training import ensure_tagger
+
+    work = Path(tempfile.mkdtemp(prefix="sluice-bench-ingest-"))
+    results: dict[str, Any] = {}
+    try:
+        tagger = ensure_tagger(DATA / "nlp" / "ud-english-ewt", work / "nlp")
+        env = {"SLUICE_TAGGER_PATH": str(tagger),
+               **dict(item.split("=", 1) for item in args.env)}
+        # warm-up documents: the last abstracts of the corpus, never among the measured ones
+        warm_up = scifact_files(work / "warm-up", WARM_UP_DOCS, skip=SCIFACT_DOCS - WARM_UP_DOCS)
+        corpora = {
+            "small": lambda: scifact_files(work / "scifact",
+                                           min(args.docs, SCIFACT_DOCS - WARM_UP_DOCS)),
+            "large": lambda: sorted(TEN_Q.glob("*.pdf")),
+        }
+        for name, files in corpora.items():
+            if args.only in (None, name):
+                results[name] = run(name, files(), warm_up, env, work, tagger)
+    finally:
+        if args.keep:
+            log(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+    rows = []
+    for name, r in results.items():
+        e2e = r["end_to_end"]
+        rows.append([name, e2e["files"], e2e["succeeded"], e2e["chunks"], f"{e2e['wall_s']:.1f}",
+                     f"{e2e['docs_per_s']:.2f}", f"{e2e['chunks_per_s']:.1f}",
+                     f"{r['encode']['chunks_per_s']:.1f} (b{r['encode']['batch_size']})",
+                     f"{r['onnx_encode']['chunks_per_s']:.1f}",
+                     f"{r['partition']['docs_per_s']:.1f}",
+                     f"{r['vs_encode']:.2f}", f"{r['vs_encode_and_partition']:.2f}"])
+    print(table(["corpus", "files", "ok", "chunks", "e2e s", "docs/s", "chunks/s",
+                 "ST encode/s", "onnx/s", "partition docs/s", "vs encode",
+                 "vs encode+partition"], rows))
+    if "small" in results:
+        print(f"target: small corpus end-to-end >= 0.85 of raw encode: "
+              f"{results['small']['vs_encode']:.2f}")
+    summary = {"machine": machine(), **results,
+               "settings": dict(item.split("=", 1) for item in args.env)}
+    print_json(summary)
+    failed = any(r["end_to_end"]["succeeded"] != r["end_to_end"]["files"]
+                 for r in results.values())
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
