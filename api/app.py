@@ -14,6 +14,7 @@ AUTH_RESPONSES: dict[int | str, dict[str, object]] = {
     400: {"model": ErrorBody, "description": "`invalid_workspace` (X-Workspace, auth off)"},
     401: {"model": ErrorBody, "description": "No, a malformed, unknown or revoked key"},
     403: {"model": ErrorBody, "description": "The key's role does not allow this"},
+    422: {"model": ErrorBody, "description": "`validation_error`: the request is malformed"},
     429: {"model": ErrorBody, "description": "`rate_limited` or a quota; see Retry-After",
           "headers": {"Retry-After": {"schema": {"type": "integer"},
                                       "description": "Seconds to wait"}}},

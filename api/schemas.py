@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any, Literal
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from models.keys import Role
+
+
+def as_utc(value: datetime) -> datetime:
+    """Times are stored in UTC; SQLite hands them back without a zone."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+UtcDateTime = Annotated[datetime, AfterValidator(as_utc)]
+"""A response time, always with its offset (RFC 3339 `date-time`)."""
 
 
 class ErrorInfo(BaseModel):
@@ -38,8 +47,8 @@ class DocumentOut(BaseModel):
     error: ErrorInfo | None = None
     page_count: int | None
     chunk_count: int
-    created_at: datetime
-    updated_at: datetime
+    created_at: UtcDateTime
+    updated_at: UtcDateTime
     job_id: str | None = None
 
 
@@ -68,9 +77,9 @@ class JobOut(BaseModel):
     document_id: str | None
     error: ErrorInfo | None
     result: dict[str, Any] | None
-    created_at: datetime
-    updated_at: datetime
-    finished_at: datetime | None
+    created_at: UtcDateTime
+    updated_at: UtcDateTime
+    finished_at: UtcDateTime | None
     request_id: str | None = Field(
         default=None, description="The X-Request-ID of the request that created the job: grep "
         "the logs for it to follow the job through every stage.")
@@ -145,9 +154,9 @@ class KeyOut(BaseModel):
     role: Role
     name: str | None
     rate_limit: str | None
-    created_at: datetime
-    last_used_at: datetime | None
-    revoked_at: datetime | None
+    created_at: UtcDateTime
+    last_used_at: UtcDateTime | None
+    revoked_at: UtcDateTime | None
 
 
 class KeyCreated(KeyOut):

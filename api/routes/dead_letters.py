@@ -12,7 +12,7 @@ from sqlalchemy import Select, delete, select
 from api.deps import AdminWorkspaceDep, SessionDep
 from api.errors import ApiError, not_found
 from api.routes.jobs import job_out
-from api.schemas import ErrorBody, JobOut
+from api.schemas import ErrorBody, JobOut, UtcDateTime
 from api.state import publish_job
 from models import Job, JobAttempt, JobState, documents, ledger
 from sluice.db import session_scope
@@ -30,8 +30,8 @@ class AttemptOut(BaseModel):
     attempt: int
     stage: str
     worker: str | None
-    started_at: datetime
-    ended_at: datetime | None
+    started_at: UtcDateTime
+    ended_at: UtcDateTime | None
     outcome: str | None
     error_code: str | None
     error_message: str | None
@@ -40,7 +40,7 @@ class AttemptOut(BaseModel):
 
 class DeadLetter(JobOut):
     queue: str
-    replayed_at: datetime | None
+    replayed_at: UtcDateTime | None
     attempts_detail: list[AttemptOut] = []
 
 

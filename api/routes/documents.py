@@ -146,7 +146,7 @@ def list_documents(
     session: SessionDep,
     workspace: WorkspaceDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
     status: str | None = None,
 ) -> DocumentList:
     """The workspace's documents, newest first."""

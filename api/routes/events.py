@@ -18,6 +18,7 @@ from sqlalchemy import func, select
 from api.deps import WORKSPACE_RE, WorkspaceDep
 from api.errors import ApiError
 from api.routes.jobs import owned_job
+from api.schemas import ErrorBody, as_utc
 from models import JobEvent
 from models.entities import FINAL_STATES
 from sluice.db import read_scope
@@ -35,7 +36,7 @@ def _format(event: JobEvent) -> str:
         "stage": event.stage, "progress": event.progress,
         "error": {"code": event.error_code, "message": event.error_message or ""}
         if event.error_code else None,
-        "at": event.created_at.isoformat(),
+        "at": as_utc(event.created_at).isoformat(),
     }
     return f"id: {event.id}\nevent: job\ndata: {json.dumps(data)}\n\n"
 
@@ -85,12 +86,13 @@ def _check_owned(workspace: str, job_id: str) -> None:
 
 
 @router.get("/v1/jobs/{job_id}/events", response_class=StreamingResponse,
-            responses={200: {"content": {"text/event-stream": {}}}})
+            responses={200: {"content": {"text/event-stream": {}}},
+                       404: {"model": ErrorBody}})
 async def job_events(
     job_id: str,
     request: Request,
     workspace: WorkspaceDep,
-    last_event_id: Annotated[int, Header()] = 0,
+    last_event_id: Annotated[int, Header(ge=0, le=2**63 - 1)] = 0,
 ) -> StreamingResponse:
     """The job's changes as Server-Sent Events (`state`, `stage`, `progress`, `error`), from its
     creation (or after `Last-Event-ID`); the stream ends when the job ends. No database session
@@ -105,7 +107,7 @@ async def workspace_events(
     request: Request,
     header_workspace: WorkspaceDep,
     workspace: Annotated[str | None, Query(description="defaults to X-Workspace")] = None,
-    last_event_id: Annotated[int | None, Header()] = None,
+    last_event_id: Annotated[int | None, Header(ge=0, le=2**63 - 1)] = None,
 ) -> StreamingResponse:
     """Every job change in the workspace from now on (or after `Last-Event-ID`)."""
     if workspace is not None and workspace != header_workspace:
