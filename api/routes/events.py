@@ -106,7 +106,8 @@ async def job_events(
 async def workspace_events(
     request: Request,
     header_workspace: WorkspaceDep,
-    workspace: Annotated[str | None, Query(description="defaults to X-Workspace")] = None,
+    workspace: Annotated[str | None, Query(
+        description="defaults to the caller's own, the only one allowed")] = None,
     last_event_id: Annotated[int | None, Header(ge=0, le=2**63 - 1)] = None,
 ) -> StreamingResponse:
     """Every job change in the workspace from now on (or after `Last-Event-ID`)."""
