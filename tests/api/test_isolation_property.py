@@ -314,3 +314,28 @@ def test_same_bytes_in_two_workspaces_are_two_blobs(
                          headers=bearer(a[Role.WRITER])).status_code == 204
     assert [p.relative_to(blobs).parts[0] for p in blobs.rglob("*")
             if p.is_file() and ".incoming" not in p.parts] == ["blob-b"]
+
+
+header_values = st.one_of(
+    st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=80),
+    st.builds(lambda s: f"Bearer {s}", st.text(
+        alphabet=st.characters(min_codepoint=33, max_codepoint=126), max_size=80)),
+    st.builds(lambda key_id, secret: f"Bearer sluice_{key_id}_{secret}",
+              st.text(alphabet="0123456789abcdef", min_size=16, max_size=16),
+              st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_",
+                      min_size=43, max_size=43)),
+)
+
+
+@settings(max_examples=60, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(authorization=st.one_of(st.none(), header_values), data=st.data())
+def test_any_credential_but_a_valid_key_is_401_everywhere(
+    client: TestClient, authorization: str | None, data: st.DataObject
+) -> None:
+    from tests.api.test_auth import call, v1_routes
+
+    method, path = data.draw(st.sampled_from(v1_routes(client.app)), label="route")
+    headers = {} if authorization is None else {"Authorization": authorization}
+    resp = call(client, method, path, headers)
+    assert resp.status_code == 401, (method, path, authorization, resp.text)
