@@ -464,3 +464,15 @@ def test_cli_sets_and_shows_quotas(auth_env: dict[str, str]) -> None:
     assert reset.exit_code == 0 and '"documents": 100000' in reset.output
     assert runner.invoke(main, ["quotas", "set", "--workspace", "ws-cli", "--documents",
                                 "-1"]).exit_code != 0
+
+
+def test_cli_api_commands_send_the_key_from_settings(
+    sluice_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sluice.cli import _client
+
+    assert _client("http://x", "team").headers["x-workspace"] == "team"
+    configure(monkeypatch, api_key="sluice_0123456789abcdef_secret")
+    headers = _client("http://x", "team").headers
+    assert headers["authorization"] == "Bearer sluice_0123456789abcdef_secret"
+    assert "x-workspace" not in headers
