@@ -3,7 +3,10 @@
 The rules follow unstructured's ``chunk_by_title``, over our own :class:`Element`:
 
 * a Title starts a new chunk (a section boundary), except that consecutive headings stay
-  together so a heading is never a chunk on its own when text follows it;
+  together so a heading is never a chunk on its own when text follows it, and a chunk of
+  fewer than ``min_words`` words takes the next section in with it (unstructured's
+  ``combine_text_under_n_chars``): a filing's or a manual's one-line sections would otherwise
+  each be a chunk of a few words, too little for the model to place;
 * small consecutive elements of a section are packed into one chunk up to the budget;
 * a Table is a chunk of its own (kept whole when it fits, with the heading just before it);
 * an element over the budget is split at sentence boundaries (table rows for tables), falling
@@ -115,10 +118,13 @@ class _Budget:
     max_tokens: int
     overlap_words: int
     count_tokens: TokenCounter
+    min_words: int = 0
 
     def __post_init__(self) -> None:
         if self.max_words < 1 or self.max_tokens < 1:
             raise ValueError("max_words and max_tokens must be at least 1")
+        if not 0 <= self.min_words <= self.max_words:
+            raise ValueError("min_words must be between 0 and max_words")
         # A piece is measured when it is tested against the budget and again when it is
         # added; remembering the last few counts halves the chunker's time on long texts.
         object.__setattr__(self, "count_tokens", lru_cache(maxsize=64)(self.count_tokens))
@@ -259,7 +265,8 @@ def _feed(
     """Add one element's normalised text, yielding every chunk it completes."""
     is_title = category in TITLE_CATEGORIES
     is_table = category in TABLE_CATEGORIES
-    if (is_title or is_table) and builder.has_body:
+    if (is_table and builder.has_body) or (
+            is_title and builder.has_body and builder.words >= builder.budget.min_words):
         yield from _emit(builder)
     if is_title:
         builder.section = text[:SECTION_MAX_CHARS]
@@ -298,6 +305,7 @@ def chunk_elements(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     overlap_words: int = 0,
     count_tokens: TokenCounter = estimate_tokens,
+    min_words: int = 0,
 ) -> list[ChunkDraft]:
     """Chunk a parsed document's elements by section and budget (see the module doc).
 
@@ -309,7 +317,7 @@ def chunk_elements(
     tokens; it must add up over whitespace-separated words, as word-piece counts do);
     ``max_tokens`` is then at most 254 for all-MiniLM-L6-v2.
     """
-    budget = _Budget(max_words, max_tokens, overlap_words, count_tokens)
+    budget = _Budget(max_words, max_tokens, overlap_words, count_tokens, min_words)
     builder = _ChunkBuilder(budget=budget)
     chunks: list[ChunkDraft] = []
     for element in elements:

@@ -65,6 +65,10 @@ class Settings(BaseSettings):
 
     # Parsing and chunking
     chunk_max_words: int = 160
+    chunk_min_words: int = Field(
+        default=40, ge=0, description="A chunk with fewer words takes the next section in "
+        "with it rather than end at its heading (0: every heading starts a chunk)."
+    )
     pdf_strategy: str = "fast"
     pdf_part_pages: int | None = Field(
         default=40, ge=1, description="A PDF with more pages is parsed in parts of this many "
@@ -153,6 +157,19 @@ class Settings(BaseSettings):
     worker_soft_shutdown_s: float = Field(
         default=10.0, description="On SIGTERM, running tasks get this long to finish; then they "
         "are stopped and their messages requeued (soft shutdown)."
+    )
+    # Fairness between workspaces (models/fairness.py): jobs of one workspace in flight at
+    # once (queued with a message, running or retrying); more are held in the database until
+    # one of its jobs ends. `none` turns a cap off.
+    workspace_inflight_cap: int | None = Field(
+        default=8, ge=1, description="Ingest jobs (documents and their parts, every stage) of "
+        "one workspace in flight at once: a workspace that uploads thousands of documents has "
+        "at most this many in the queues and worker pools, so another's upload waits behind "
+        "these, not behind thousands."
+    )
+    workspace_answer_inflight_cap: int | None = Field(
+        default=8, ge=1, description="Questions of one workspace in flight at once (a lane of "
+        "their own: a question never waits behind its workspace's documents)."
     )
     retry_parse: RetryPolicy = RetryPolicy(max_retries=3)
     retry_embed: RetryPolicy = RetryPolicy(max_retries=5)
@@ -333,6 +350,11 @@ class Settings(BaseSettings):
     def visibility_timeout_s(self) -> int:
         longest = max(self.parse_time_limit_s, self.embed_time_limit_s, self.answer_time_limit_s)
         return longest * 2 + 300
+
+    def inflight_cap(self, lane: str) -> int | None:
+        """The in-flight cap of a fairness lane (`models.fairness.LANES`)."""
+        return self.workspace_answer_inflight_cap if lane == "answer" \
+            else self.workspace_inflight_cap
 
     def retry_policy(self, queue: str) -> RetryPolicy:
         policy: RetryPolicy = getattr(self, f"retry_{queue}")

@@ -61,7 +61,8 @@ def _parse(ctx: StageContext) -> Handoff:
                                                         content_type=content_type)},
         label=f"parsing {filename!r}")
     ctx.checkpoint(progress=0.3)
-    drafts = chunk_elements(parsed.elements, max_words=settings.chunk_max_words)
+    drafts = chunk_elements(parsed.elements, max_words=settings.chunk_max_words,
+                            min_words=settings.chunk_min_words)
     if not drafts:
         raise EmptyDocument(f"{filename!r} contains no text to index")
     ctx.checkpoint(progress=0.4)

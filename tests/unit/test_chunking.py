@@ -230,3 +230,26 @@ def test_text_stream_is_incremental() -> None:
     first = next(stream)
     assert word_count(first.text) <= 100
     assert consumed < 200  # chunks come out long before the input ends
+
+
+def test_sections_under_min_words_are_carried_into_the_next_chunk() -> None:
+    """A filing's one-line sections: each its own few-word chunk without `min_words`; with it,
+    packed until a chunk holds enough words. Tables still stand alone."""
+    elements = []
+    for n in range(6):
+        elements += [Element(f"Item {n}", "Title", 1),
+                     Element(f"Short note number {n} about the quarter.", "NarrativeText", 1)]
+    elements += [Element("Revenue 10 20", "Table", 2), Element("Item 7", "Title", 2),
+                 Element(" ".join(["word"] * 50), "NarrativeText", 2)]
+    plain = chunk_elements(elements, max_words=160)
+    packed = chunk_elements(elements, max_words=160, min_words=20)
+    assert len(plain) == 8  # 6 short sections, the table, the last section
+    texts = [c.text for c in packed]
+    assert len(packed) < len(plain)
+    assert all(c.metadata["words"] >= 20 for c in packed if "Table" not in c.metadata["categories"])
+    assert "Revenue 10 20" in texts  # a table is still a chunk of its own
+    joined = " ".join(texts)
+    assert all(f"Short note number {n}" in joined for n in range(6))  # nothing lost
+    assert [c.order for c in packed] == list(range(len(packed)))
+    with pytest.raises(ValueError, match="min_words"):
+        chunk_elements(elements, max_words=10, min_words=11)
