@@ -180,6 +180,11 @@ class Settings(BaseSettings):
     # limit of `none` leaves only the hard limit (the child process is killed).
     parse_soft_time_limit_s: int | None = 300
     parse_time_limit_s: int = 330
+    text_slice_s: float = Field(
+        default=120.0, gt=0, description="A streamed large-text parse that has run this long "
+        "stops at the next paragraph end, commits its chunks and resume point, and requeues "
+        "itself (a 1 GB file never runs into the parse soft time limit)."
+    )
     embed_slice_s: float = Field(
         default=120.0, gt=0, description="An embed stage that has run this long commits its "
         "progress and requeues itself (other jobs interleave; no worker is held for hours)."

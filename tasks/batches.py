@@ -10,8 +10,12 @@ worker or the length of a task.
   interleave with its slices. Vectors written before the end are invisible to search: only
   ready documents are searched, and the document turns ready in the stage's last transaction.
 - **Large plain text** is parsed without unstructured: decoded and chunked as a stream
-  (``pipelines.textstream``), chunks inserted a batch per transaction. A re-run first deletes
-  what an earlier attempt inserted.
+  (``pipelines.textstream``), chunks inserted a batch per transaction, in slices of
+  ``text_slice_s``: a slice stops at a paragraph end, and in one transaction writes its last
+  chunks and the point to resume from (byte offset, chunks so far) into the job's payload, then
+  hands the job back to the parse queue; the next delivery resumes there. A 1 GB file is many
+  tasks of minutes, never one over the soft time limit. A retry resumes from the last slice's
+  point, first deleting whatever a failed attempt inserted past it.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any, Final
 from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
-from models import Chunk, Document, DocumentStatus, Stage, ledger
+from models import Chunk, Document, DocumentStatus, Job, Stage, ledger
 from pipelines.errors import EmptyDocument
 from pipelines.hygiene import HygieneLimits
 from sluice.db import read_scope, session_scope
@@ -35,6 +39,8 @@ EMBED_BATCH_CHUNKS: Final = 256
 """Chunks encoded and written per transaction (and between two checkpoints)."""
 TEXT_INSERT_BATCH: Final = 2000
 """Chunks of a streamed text inserted per transaction."""
+TEXT_RESUME_KEY: Final = "text_resume"
+"""The job payload's resume point of a sliced text parse: {"offset": bytes, "chunks": n}."""
 
 
 # Embedding ----------------------------------------------------------------------------------
@@ -130,28 +136,49 @@ def parse_large_text(
         return None
     with path.open("rb") as handle:
         encoding = textstream.detect_encoding(handle.read(textstream.SAMPLE_BYTES))
-    textstream.check_sample(path, filename=filename, encoding=encoding, limits=hygiene_limits)
-    with session_scope() as session:  # a re-run replaces what an earlier attempt inserted
+    resume = ctx.payload.get(TEXT_RESUME_KEY) or {"offset": 0, "chunks": 0}
+    start, count = int(resume["offset"]), int(resume["chunks"])
+    if start == 0:
+        textstream.check_sample(path, filename=filename, encoding=encoding,
+                                limits=hygiene_limits)
+    with session_scope() as session:  # whatever an attempt inserted past the resume point
         ctx.guard(session)
-        session.execute(delete(Chunk).where(Chunk.document_id == document_id))
+        session.execute(delete(Chunk).where(Chunk.document_id == document_id,
+                                            Chunk.ord >= count))
 
+    deadline = time.monotonic() + settings.text_slice_s
+    slice_ = textstream.Slice()
     rows: list[dict[str, Any]] = []
-    count = chars = 0
-    for draft in textstream.chunk_file(path, encoding=encoding,
-                                       max_words=settings.chunk_max_words):
+    for draft in textstream.chunk_file(path, encoding=encoding, start=start,
+                                       max_words=settings.chunk_max_words,
+                                       should_stop=lambda: time.monotonic() > deadline,
+                                       slice_=slice_):
         rows.append({"workspace_id": ctx.workspace_id, "document_id": document_id,
-                     "ord": draft.order, "text": draft.text, "page": None, "section": None,
+                     "ord": count, "text": draft.text, "page": None, "section": None,
                      "meta": draft.metadata})
-        count, chars = count + 1, chars + len(draft.text)
+        count += 1
         if len(rows) == TEXT_INSERT_BATCH:
             with session_scope() as session:
                 ctx.guard(session)
                 session.execute(insert(Chunk), rows)
             rows = []
-            ctx.checkpoint(progress=min(0.39, 0.4 * chars / size))
+            read = slice_.next_offset or start  # (an estimate until the slice ends)
+            ctx.checkpoint(progress=min(0.39, 0.4 * read / size))
+    final_rows = rows
+    if slice_.next_offset is not None:  # more to read: the next delivery goes on from here
+        point = {"offset": slice_.next_offset, "chunks": count}
+
+        def hand_back(session: Session) -> bool:
+            if final_rows:
+                session.execute(insert(Chunk), final_rows)
+            session.execute(update(Job).where(Job.id == ctx.claim.job_id).values(
+                payload={**ctx.payload, TEXT_RESUME_KEY: point},
+                progress=min(0.39, 0.4 * point["offset"] / size)))
+            return ledger.advance(session, ctx.claim, next_stage=Stage.PARSE)
+
+        return ctx.finish(hand_back, then=Stage.PARSE)
     if count == 0:
         raise EmptyDocument(f"{filename!r} contains no text to index")
-    final_rows = rows
 
     def persist(session: Session) -> bool:
         if final_rows:
@@ -161,6 +188,8 @@ def parse_large_text(
                 chunk_count=count, content_type=f"text/plain; charset={encoding}",
             )
         )
+        payload = {k: v for k, v in ctx.payload.items() if k != TEXT_RESUME_KEY}
+        session.execute(update(Job).where(Job.id == ctx.claim.job_id).values(payload=payload))
         return ledger.advance(session, ctx.claim, next_stage=Stage.EMBED)
 
     return ctx.finish(persist, then=Stage.EMBED)

@@ -117,3 +117,34 @@ def test_memory_is_independent_of_file_size(tmp_path: Path) -> None:
     chunks, before_kb, after_kb = map(int, out)
     assert chunks > 30_000
     assert (after_kb - before_kb) * 1024 < 24 * 1024 * 1024, (before_kb, after_kb)
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "utf-16", "cp1252"])
+def test_slices_resume_where_the_last_stopped_and_lose_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, encoding: str,
+) -> None:
+    """Slicing after every block: each slice ends at a paragraph end, the next starts there,
+    and the slices' chunks hold exactly the whole file's words, in order."""
+    monkeypatch.setattr(textstream, "BLOCK_BYTES", 4096)
+    paragraphs = [f"Paragraph {n}: {text}" for n, text in enumerate(_abstracts(60))]
+    if encoding != "cp1252":
+        paragraphs[3] += " – naïve café 🙂"
+    path = tmp_path / "t.txt"
+    text = "\r\n\r\n".join(paragraphs[:30]) + "\n\n" + "\n\n".join(paragraphs[30:])
+    path.write_bytes(text.encode(encoding, errors="replace"))
+    detected = textstream.detect_encoding(path.read_bytes()[:65536])
+    whole = list(textstream.chunk_file(path, encoding=detected, max_words=160))
+    sliced: list[str] = []
+    starts = [0]
+    while True:
+        slice_ = textstream.Slice()
+        sliced += [c.text for c in textstream.chunk_file(
+            path, encoding=detected, max_words=160, start=starts[-1],
+            should_stop=lambda: True, slice_=slice_)]
+        if slice_.next_offset is None:
+            break
+        assert slice_.next_offset > starts[-1]
+        starts.append(slice_.next_offset)
+    assert len(starts) > 5  # it did slice
+    assert " ".join(sliced).split() == " ".join(c.text for c in whole).split()
+    assert not any("\ufffd" in text for text in sliced)
