@@ -293,7 +293,8 @@ _UTF16_AWARE: Final = frozenset({"EML", "CSV", "TSV", "TXT", "MD", "RST", "ORG"}
 
 def _utf16_as_utf8(handle: IO[bytes]) -> IO[bytes] | None:
     """A UTF-16 text file (with a byte-order mark, or ASCII-headed like an e-mail's RFC 5322
-    headers, so every other byte of its head is zero) re-encoded as UTF-8; None for any other.
+    headers, so every other byte of its head is zero), or a UTF-32 one with its mark,
+    re-encoded as UTF-8; None for any other.
     unstructured reads the UTF-16 bytes as 8-bit text, a NUL between every two letters
     (garbage that ``pipelines.hygiene`` would refuse), or fails to decode them at all."""
     import io
@@ -302,7 +303,9 @@ def _utf16_as_utf8(handle: IO[bytes]) -> IO[bytes] | None:
     head = handle.read(64)
     handle.seek(0)
     encoding = None
-    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+    if head[:4] in (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff"):
+        encoding = "utf-32"  # (its little-endian mark starts like UTF-16's)
+    elif head[:2] in (b"\xff\xfe", b"\xfe\xff"):
         encoding = "utf-16"
     elif len(head) >= 16 and not any(head[1::2]) and all(head[0::2]):
         encoding = "utf-16-le"
