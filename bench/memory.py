@@ -1,9 +1,10 @@
 """Worker memory over many jobs: the RSS of each worker's process tree after the first 100
 small documents and after 2,000, and their ratio (a leak shows as growth).
 
-    .venv/bin/python bench/memory.py [--docs 2000] [--first 100] [--no-recycle]
+    .venv/bin/python bench/memory.py [--docs 2000] [--first 100] [--recycle] [--broker filesystem]
 
-The embedded default (SQLite + filesystem broker) in a temporary data dir: the real API
+SQLite in a temporary data dir and Redis as the broker (its own key prefix; the embedded
+filesystem broker with `--broker filesystem`, or when Redis is not running): the real API
 (uvicorn) and the parse and embed workers with their real pool commands (`sluice worker -Q
 parse`: prefork 1, its child recycled every 50 tasks; `-Q embed`: prefork 1, recycled every
 1,000), as `sluice up` starts them, except that both recycling limits are raised above the run
@@ -40,6 +41,8 @@ from _common import (  # noqa: E402
     machine,
     machine_line,
     print_json,
+    redis_available,
+    redis_prefix,
     stop_on_sigterm,
     table,
     workdir,
@@ -92,7 +95,7 @@ def upload_all(url: str, docs: list[tuple[str, bytes]], *, threads: int = 4) -> 
     return [j for j in job_ids if j is not None]
 
 
-def wait_final(job_ids: list[str], *, timeout: float) -> dict[str, int]:
+def wait_final(job_ids: list[str], *, timeout: float, stack: Any) -> dict[str, int]:
     from collections import Counter
 
     from sqlalchemy import select
@@ -114,6 +117,10 @@ def wait_final(job_ids: list[str], *, timeout: float) -> dict[str, int]:
             return dict(states)
         if time.monotonic() > deadline:
             raise RuntimeError(f"jobs not final after {timeout}s: {dict(states)}")
+        dead = [n for n, p in stack.procs.items() if p.poll() is not None]
+        if dead:  # its memory is gone with it: the measurement cannot go on
+            raise RuntimeError(f"{dead} exited: " + "; ".join(
+                stack.log(n).strip().splitlines()[-1] for n in dead))
         if time.monotonic() - last > 30:
             log(f"  {pending} of {len(job_ids)} jobs not final: {dict(states)}")
             last = time.monotonic()
@@ -169,6 +176,11 @@ def main() -> int:
     parser.add_argument("--recycle", action="store_true",
                         help="keep the pools' configured recycling (parse child every 50 tasks, "
                              "embed every 1,000); default: off for the run, so only a leak grows")
+    parser.add_argument("--broker", choices=("redis", "filesystem"), default=None,
+                        help="default: Redis (own key prefix) when it runs, else the embedded "
+                             "filesystem broker (kombu's filesystem transport can hand a worker a "
+                             "message file before its writer has written it, which stops the "
+                             "worker: see the README)")
     parser.add_argument("--tagger-cache", type=Path, help="reuse a trained tagger from here")
     parser.add_argument("--timeout", type=float, default=3600, help="for all jobs to end (s)")
     parser.add_argument("--keep", action="store_true")
@@ -182,9 +194,14 @@ def main() -> int:
 
     docs = documents(args.docs)
     extra = [] if args.recycle else ["--max-tasks-per-child", str(10 * args.docs)]
-    with workdir("sluice-bench-memory-", keep=args.keep) as work:
+    broker = args.broker or ("redis" if redis_available() else "filesystem")
+    with workdir("sluice-bench-memory-", keep=args.keep) as work, \
+            redis_prefix("memory") as prefix:
         tagger = ensure_tagger(DATA / "nlp" / "ud-english-ewt", args.tagger_cache or work / "nlp")
         env = {"SLUICE_DATA_DIR": str(work / "data"), "SLUICE_TAGGER_PATH": str(tagger)}
+        if broker == "redis":
+            env.update(SLUICE_BROKER_URL="redis://127.0.0.1:6379/0",
+                       SLUICE_BROKER_KEY_PREFIX=prefix)
         configure(env)
         stack = Stack(env=env, log_dir=work / "logs", workers=0, api=True)
         for queue in ("parse", "embed"):
@@ -200,14 +217,14 @@ def main() -> int:
             log(f"idle: {idle['total']}; uploading the first {args.first} documents")
             t0 = time.monotonic()
             first_ids = upload_all(stack.url, docs[: args.first])
-            first_states = wait_final(first_ids, timeout=args.timeout)
+            first_states = wait_final(first_ids, timeout=args.timeout, stack=stack)
             first_s = time.monotonic() - t0
             after_first = settled_memory(pids)
             log(f"after {args.first}: {after_first['total']} ({first_s:.0f}s); the other "
                 f"{args.docs - args.first}")
             t1 = time.monotonic()
             rest_ids = upload_all(stack.url, docs[args.first:])
-            rest_states = wait_final(rest_ids, timeout=args.timeout)
+            rest_states = wait_final(rest_ids, timeout=args.timeout, stack=stack)
             rest_s = time.monotonic() - t1
             after_all = settled_memory(pids)
             log(f"after {args.docs}: {after_all['total']} ({rest_s:.0f}s)")
@@ -247,7 +264,7 @@ def main() -> int:
     recycling = ("as configured (parse child every 50 tasks, embed every 1,000)" if args.recycle
                  else "off (--max-tasks-per-child above the run)")
     print(f"Worker memory: {args.docs} small text documents (~60 words, one chunk each) through "
-          f"the parse and embed workers, embedded default; pool recycling {recycling}")
+          f"the parse and embed workers; SQLite, {broker} broker; pool recycling {recycling}")
     headers = ("worker tree", "idle RSS MB", f"after {args.first} MB", f"after {args.docs} MB",
                "ratio", f"PSS after {args.first}", f"PSS after {args.docs}", "PSS ratio",
                "children replaced")
@@ -266,7 +283,7 @@ def main() -> int:
           f"{peaks['worker_max_child']:.0f} MB, API {peaks['api']:.0f} MB")
     print(machine_line())
     print_json({"workers": figures, "ratio_target": RATIO_TARGET, "ratio_ok": ok,
-                "docs": args.docs, "first": args.first, "recycle": args.recycle,
+                "docs": args.docs, "first": args.first, "recycle": args.recycle, "broker": broker,
                 "jobs": states, "first_s": round(first_s, 1), "rest_s": round(rest_s, 1),
                 "peak_mb": {k: round(v) for k, v in peaks.items() if v},
                 **machine()})
