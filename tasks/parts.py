@@ -3,9 +3,8 @@
 The ingest job's parse stage calls `split_if_large` first: a PDF with more pages than
 `pdf_part_pages` is not parsed there. In one transaction the ingest job becomes a parent that
 waits (`models.ledger.split`) for one `ingest_part` job per page range, queued at stage parse
-and held: the stage runner dispatches them after commit within the workspace's in-flight cap
-(`models.fairness`; the parent's slot is free while it waits), and the reconciler dispatches
-any that a killed worker did not. Each part runs `parse_part` on the parse queue, through the same sandboxed
+and published after commit (the reconciler republishes any whose message is lost, like any
+queued job). Each part runs `parse_part` on the parse queue, through the same sandboxed
 `parse_document` as a whole document, and in one transaction stores its chunks and succeeds,
 counted on its parent; the transaction whose count completes the set queues the parent at
 embed, and its message is published after commit. No chord: the counter is in the database.
@@ -70,7 +69,7 @@ def split_if_large(
     created: list[str] = []
 
     def persist(session: Session) -> bool:
-        part_ids = ledger.split(session, ctx.claim, held=True, parts=[
+        part_ids = ledger.split(session, ctx.claim, parts=[
             {PART_KEY: {"document_id": document_id, "index": r.index, "first": r.first,
                         "last": r.last, "of": len(ranges)}, "label": r.label}
             for r in ranges
@@ -85,7 +84,9 @@ def split_if_large(
     ctx.finish(persist)
     log.info("job %s: %r has %d pages, split into %d parts of up to %d pages",
              ctx.claim.job_id, filename, pages, len(ranges), ranges[0].last)
-    return Handoff()  # the runner dispatches the held parts
+    for part_id in created:
+        publish(part_id, Stage.PARSE)
+    return Handoff()
 
 
 def parse_part(ctx: StageContext) -> Handoff:
