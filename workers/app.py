@@ -6,7 +6,9 @@ from celery import Celery
 
 import celeryconfig
 from sluice.settings import get_settings
+from workers import fsbroker
 
+fsbroker.install()  # `filesystem://` (the embedded broker) writes each message atomically
 app = Celery("sluice", include=["tasks.ingest", "tasks.answer", "tasks.maintenance"])
 app.config_from_object("celeryconfig")
 
