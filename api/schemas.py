@@ -88,6 +88,10 @@ class JobOut(BaseModel):
         "run); list them with `GET /v1/jobs?parent=ID`.")
     parent_id: str | None = Field(default=None, description="Set on a part: the job it is "
                                   "a part of.")
+    held: bool = Field(
+        default=False, description="Queued but held back: its workspace has as many jobs in "
+        "flight as its cap allows (`SLUICE_WORKSPACE_INFLIGHT_CAP`, answers "
+        "`SLUICE_WORKSPACE_ANSWER_INFLIGHT_CAP`); it is published, oldest first, as they end.")
 
 
 class AnswerRequest(BaseModel):

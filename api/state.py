@@ -33,3 +33,11 @@ def publish_job(job_id: str, stage: str) -> bool:
     from tasks.publish import publish
 
     return publish(job_id, stage)
+
+
+def dispatch_held(workspace_id: str, kind: str) -> int:
+    """After a commit that freed slots or held jobs: publish the workspace's held jobs within
+    its in-flight cap (`models.fairness`)."""
+    from tasks.publish import dispatch
+
+    return dispatch(workspace_id, kind)

@@ -17,6 +17,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -131,6 +132,9 @@ class Job(Base):
         Index("ix_jobs_workspace_created", "workspace_id", "created_at"),
         # A workspace's unfinished jobs, counted for its quota on every upload and question.
         Index("ix_jobs_workspace_state", "workspace_id", "state"),
+        # Fairness (models/fairness.py): a workspace's jobs in flight per lane, counted on
+        # every upload and every job's end, and its oldest held jobs, in index order.
+        Index("ix_jobs_workspace_lane", "workspace_id", "state", "held", "kind", "created_at"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
@@ -150,6 +154,9 @@ class Job(Base):
     error_message: Mapped[str | None] = mapped_column(Text)
     worker: Mapped[str | None] = mapped_column(String(255))
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Queued without a message because its workspace was at its in-flight cap (fairness);
+    # cleared when it is dispatched. A delivery never starts a held job.
+    held: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     request_id: Mapped[str | None] = mapped_column(String(64), index=True)
     # A part (models.ledger's fan-in): the job it was split from; a parent counts its parts.
     # No foreign key: SQLite cannot add one to a table in place (see migration 0006), and a

@@ -21,6 +21,10 @@ parent's row locked first; the transaction whose count completes the set moves t
                           ├──all settled, one failed──▶ failed (part_failed)
                           └──cancel───────────────────▶ cancelled (its parts too)
     failed (part_failed) ──a failed part replayed──▶ waiting
+
+A queued job may be *held* (created, split off or replayed while its workspace is at its
+in-flight cap, see `models.fairness`): no message is published for it and no delivery starts
+it until `dispatch_held` takes it out of hold, when one of its workspace's jobs has ended.
 """
 
 from __future__ import annotations
@@ -74,10 +78,12 @@ def create_job(
     payload: dict[str, Any] | None = None,
     request_id: str | None = None,
     parent_id: str | None = None,
+    held: bool = False,
 ) -> Job:
     """Queue a new job. `request_id` (default: the current request's, from the log context)
     follows the job through every stage's messages and log lines. A part is created by
-    `split`, which sets `parent_id`."""
+    `split`, which sets `parent_id`. A `held` job waits for a slot of its workspace
+    (`models.fairness`): no message is published for it until `dispatch_held`."""
     job = Job(
         workspace_id=workspace_id,
         kind=kind,
@@ -87,6 +93,7 @@ def create_job(
         request_id=request_id or current_request_id(),
         parent_id=parent_id,
         state=JobState.QUEUED,
+        held=held,
     )
     session.add(job)
     session.flush()
@@ -127,6 +134,36 @@ def mark_published(session: Session, job_id: str) -> None:
     _cas(session, job_id, [Job.state.in_(STARTABLE)], {"published_at": utcnow()}, event=False)
 
 
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """A held job taken out of hold: publish `stage` for it after commit."""
+
+    job_id: str
+    stage: str
+    request_id: str | None
+
+
+def dispatch_held(session: Session, *, job_ids: Sequence[str]) -> list[Dispatch]:
+    """Take the held jobs `job_ids` out of hold, marked published (they stay queued; the
+    caller publishes their messages after commit; one lost on the way is republished like any
+    other, see `jobs_needing_publish`). A job no longer held and queued (cancelled meanwhile,
+    or taken by a concurrent dispatch) is left alone and not returned."""
+    if not job_ids:
+        return []
+    now = utcnow()
+    rows = session.execute(
+        update(Job)
+        .where(Job.id.in_(job_ids), Job.held.is_(True), Job.state == JobState.QUEUED)
+        .values(held=False, published_at=now, updated_at=now)
+        .returning(Job.id, Job.stage, Job.request_id)
+        .execution_options(synchronize_session=False)
+    ).all()
+    # In the order they were held (RETURNING keeps none): the broker gets the oldest first.
+    order = {job_id: i for i, job_id in enumerate(job_ids)}
+    return [Dispatch(job_id=r.id, stage=r.stage, request_id=r.request_id)
+            for r in sorted(rows, key=lambda r: order[r.id])]
+
+
 def start(
     session: Session, *, job_id: str, stage: str, worker: str, stale_before: datetime
 ) -> Claim | None:
@@ -135,8 +172,8 @@ def start(
     A job is startable when queued or retrying at this stage, or running at this stage with a
     heartbeat older than `stale_before` (its worker died; this delivery takes over)."""
     job = session.get(Job, job_id, with_for_update=True)
-    if job is None or job.stage != stage or job.cancel_requested:
-        return None
+    if job is None or job.stage != stage or job.cancel_requested or job.held:
+        return None  # (a stray message for a held job: it runs once dispatched, in its turn)
     takeover = job.state == JobState.RUNNING and (
         job.heartbeat_at is None or _aware(job.heartbeat_at) < stale_before
     )
@@ -324,9 +361,10 @@ def acknowledge_cancel(session: Session, claim: Claim) -> bool:
     return ok
 
 
-def replay(session: Session, *, job_id: str) -> bool:
+def replay(session: Session, *, job_id: str, held: bool = False) -> bool:
     """Put a dead (or failed) job back in the queue at the stage it ended in, keeping its
-    attempt history.
+    attempt history; `held`, it waits for a slot of its workspace like a new job
+    (`models.fairness`).
 
     A replayed part no longer counts as failed: its parent, failed for it, waits again. A
     part of a cancelled parent is not replayed, nor is a parent failed by its parts (replay
@@ -341,7 +379,7 @@ def replay(session: Session, *, job_id: str) -> bool:
          or_(Job.error_code.is_(None), Job.error_code != PART_FAILED)],
         {"state": JobState.QUEUED, "attempt": 0, "replayed_at": utcnow(), "finished_at": None,
          "published_at": None, "error_code": None, "error_message": None,
-         "cancel_requested": False},
+         "cancel_requested": False, "held": held},
     )
     if ok and parent is not None:
         _count(session, parent, failed=-1)
@@ -366,12 +404,12 @@ class FanIn:
 
 def split(
     session: Session, claim: Claim, *, parts: Sequence[Mapping[str, Any]],
-    kind: JobKind = JobKind.INGEST_PART,
+    kind: JobKind = JobKind.INGEST_PART, held: bool = False,
 ) -> list[str] | None:
     """Park the running job of `claim` as a parent that waits for one new part job per payload
-    in `parts`, queued at the claim's stage (publish them after commit). Returns the parts'
-    ids; None, with nothing created, when the claim is no longer held or a cancel was
-    requested."""
+    in `parts`, queued at the claim's stage (publish them after commit; `held`: they wait for
+    slots of the workspace, see `models.fairness`). Returns the parts' ids; None, with
+    nothing created, when the claim is no longer held or a cancel was requested."""
     if claim.stage not in AFTER_PARTS or not parts:
         raise ValueError(f"a job cannot split into {len(parts)} parts at stage {claim.stage!r}")
     if not _cas(session, claim.job_id, [*_held(claim), Job.cancel_requested.is_(False)],
@@ -383,7 +421,8 @@ def split(
         select(Job.workspace_id, Job.request_id).where(Job.id == claim.job_id)).one()
     return [
         create_job(session, workspace_id=workspace_id, kind=kind, stage=Stage(claim.stage),
-                   payload=dict(payload), request_id=request_id, parent_id=claim.job_id).id
+                   payload=dict(payload), request_id=request_id, parent_id=claim.job_id,
+                   held=held).id
         for payload in parts
     ]
 
@@ -511,12 +550,13 @@ def jobs_needing_publish(
     session: Session, *, queued_before: datetime, limit: int = 500
 ) -> list[Job]:
     """Jobs that should have a message but may not: queued and never published (or published
-    long ago), or retrying and overdue."""
+    long ago), or retrying and overdue. Never a held job: it has no message on purpose, and
+    is dispatched within its workspace's cap (`models.fairness`), not republished."""
     stmt = (
         select(Job)
         .where(
             or_(
-                (Job.state == JobState.QUEUED)
+                (Job.state == JobState.QUEUED) & Job.held.is_(False)
                 & or_(Job.published_at.is_(None), Job.published_at < queued_before)
                 & (Job.updated_at < queued_before),
                 (Job.state == JobState.RETRYING) & (Job.retry_at < queued_before),

@@ -162,10 +162,12 @@ class Settings(BaseSettings):
     # once (queued with a message, running or retrying); more are held in the database until
     # one of its jobs ends. `none` turns a cap off.
     workspace_inflight_cap: int | None = Field(
-        default=8, ge=1, description="Ingest jobs (documents and their parts, every stage) of "
+        default=4, ge=1, description="Ingest jobs (documents and their parts, every stage) of "
         "one workspace in flight at once: a workspace that uploads thousands of documents has "
         "at most this many in the queues and worker pools, so another's upload waits behind "
-        "these, not behind thousands."
+        "these, not behind thousands. It also bounds one workspace's parallelism: set it to "
+        "about the ingest worker processes one workspace may keep busy, plus one or two "
+        "(4 suits the embedded default's pools; see bench/fairness.py)."
     )
     workspace_answer_inflight_cap: int | None = Field(
         default=8, ge=1, description="Questions of one workspace in flight at once (a lane of "

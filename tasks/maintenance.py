@@ -20,7 +20,7 @@ from sluice.db import read_scope, session_scope
 from sluice.settings import get_settings
 from tasks import digest, names, reembed, retention
 from tasks.periodic import Exclusive, Result, run_exclusive
-from tasks.publish import publish
+from tasks.publish import dispatch_everywhere, publish
 from tasks.runner import fail_running_attempt
 from workers import resources
 from workers.app import app
@@ -34,14 +34,17 @@ LEASE_TTL_S = {
     names.DEAD_LETTER_DIGEST: 120.0,
 }
 RECONCILE_KEEP_EVERY = 50  # jobs handled between two renewals of the reconciler's lease
+RECONCILE_DISPATCH_LIMIT = 500  # held jobs dispatched per run, at most (shared round-robin)
 
 
 @app.task(name=names.RECONCILE_JOBS)
 def reconcile_jobs() -> Result:
-    """Republish jobs whose message was lost; recover running jobs whose worker died.
+    """Republish jobs whose message was lost; recover running jobs whose worker died; dispatch
+    held jobs of workspaces with free slots (a dispatch after a job's end may have been missed).
 
     Safe even without its lease: republishing a job that does have a message only produces a
-    duplicate delivery, which the ledger's compare-and-set turns into a no-op."""
+    duplicate delivery, which the ledger's compare-and-set turns into a no-op, and a dispatch
+    takes its slots under the workspace's lock."""
     return run_exclusive(names.RECONCILE_JOBS, ttl_s=LEASE_TTL_S[names.RECONCILE_JOBS],
                          work=_reconcile)
 
@@ -74,9 +77,12 @@ def _reconcile(held: Exclusive) -> Result:
         republished += publish(job_id, stage)
         if i % RECONCILE_KEEP_EVERY == 0:
             held.keep()
-    if recovered or republished:
-        log.info("reconciler: %d stale jobs recovered, %d republished", recovered, republished)
-    return {"recovered": recovered, "republished": republished}
+    held.keep()
+    dispatched = dispatch_everywhere(limit=RECONCILE_DISPATCH_LIMIT)
+    if recovered or republished or dispatched:
+        log.info("reconciler: %d stale jobs recovered, %d republished, %d held jobs dispatched",
+                 recovered, republished, dispatched)
+    return {"recovered": recovered, "republished": republished, "dispatched": dispatched}
 
 
 @app.task(name=names.PURGE_EXPIRED)

@@ -3,11 +3,13 @@
 The ingest job's parse stage calls `split_if_large` first: a PDF with more pages than
 `pdf_part_pages` is not parsed there. In one transaction the ingest job becomes a parent that
 waits (`models.ledger.split`) for one `ingest_part` job per page range, queued at stage parse
-and published after commit (the reconciler republishes any whose message is lost, like any
-queued job). Each part runs `parse_part` on the parse queue, through the same sandboxed
-`parse_document` as a whole document, and in one transaction stores its chunks and succeeds,
-counted on its parent; the transaction whose count completes the set queues the parent at
-embed, and its message is published after commit. No chord: the counter is in the database.
+and held: the stage runner dispatches them after commit within the workspace's in-flight cap
+(`models.fairness`; the parent's slot is free while it waits), and the reconciler dispatches
+any that a killed worker did not. Each part runs `parse_part` on the parse queue, through the
+same sandboxed `parse_document` as a whole document, and in one transaction stores its chunks
+and succeeds, counted on its parent; the transaction whose count completes the set queues the
+parent at embed, and its message is published after commit. No chord: the counter is in the
+database.
 
 A part's chunks are told apart by their `ord`: part `i` writes `i * PART_ORD_STRIDE + n`.
 Document order is kept (embedding and re-embedding read chunks by `ord`), the existing
@@ -23,7 +25,7 @@ from typing import Final
 from sqlalchemy import delete, insert, update
 from sqlalchemy.orm import Session
 
-from models import Chunk, Document, DocumentStatus, Job, Stage, ledger
+from models import Chunk, Document, DocumentStatus, Job, ledger
 from pipelines.errors import PermanentError
 from pipelines.pdfparts import MAX_PARTS, PageRange, count_pages, looks_like_pdf, parse_pages, plan
 from sluice.db import session_scope
@@ -66,10 +68,9 @@ def split_if_large(
     if settings.max_pdf_pages is not None and pages > settings.max_pdf_pages:
         return None
     ranges = plan(pages, part_pages=part_pages)
-    created: list[str] = []
 
     def persist(session: Session) -> bool:
-        part_ids = ledger.split(session, ctx.claim, parts=[
+        part_ids = ledger.split(session, ctx.claim, held=True, parts=[
             {PART_KEY: {"document_id": document_id, "index": r.index, "first": r.first,
                         "last": r.last, "of": len(ranges)}, "label": r.label}
             for r in ranges
@@ -78,15 +79,12 @@ def split_if_large(
             return _not_held(session, ctx)
         session.execute(update(Document).where(Document.id == document_id).values(
             page_count=pages, status=DocumentStatus.PROCESSING))
-        created.extend(part_ids)
         return True
 
     ctx.finish(persist)
     log.info("job %s: %r has %d pages, split into %d parts of up to %d pages",
              ctx.claim.job_id, filename, pages, len(ranges), ranges[0].last)
-    for part_id in created:
-        publish(part_id, Stage.PARSE)
-    return Handoff()
+    return Handoff()  # the runner dispatches the held parts
 
 
 def parse_part(ctx: StageContext) -> Handoff:

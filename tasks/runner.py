@@ -30,7 +30,7 @@ from sluice.db import session_scope
 from sluice.logs import bind_context, current_context, current_request_id
 from sluice.settings import get_settings
 from tasks.names import QUEUE_OF_TASK, TASK_OF_STAGE
-from tasks.publish import publish
+from tasks.publish import dispatch, publish
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +152,7 @@ def fail_attempt(
     claim: ledger.Claim,
     *,
     kind: str,
+    workspace_id: str,
     document_id: str | None,
     permanent: bool,
     code: str,
@@ -160,7 +161,8 @@ def fail_attempt(
 ) -> JobState | None:
     """Record a failed attempt: `failed` when permanent, else `retrying` (republished after a
     backoff) while the queue's retries last, then `dead`. A document whose ingest ends here is
-    marked failed with the same code. None when the claim was no longer held."""
+    marked failed with the same code, and the job's slot goes to the workspace's next held
+    job. None when the claim was no longer held."""
     queue = queue_of_stage(claim.stage)
     policy = get_settings().retry_policy(queue)
     delay = policy.delay_s(claim.attempt)
@@ -183,7 +185,9 @@ def fail_attempt(
         claim.job_id, claim.stage, claim.attempt, code, state, message,
     )
     if state == JobState.RETRYING:
-        publish(claim.job_id, claim.stage, countdown=delay)
+        publish(claim.job_id, claim.stage, countdown=delay)  # it keeps its slot
+    elif state is not None:
+        dispatch(workspace_id, kind)
     return state
 
 
@@ -195,9 +199,9 @@ def fail_running_attempt(job_id: str, *, stage: str, code: str, message: str) ->
         if job is None or job.state != JobState.RUNNING or job.stage != stage:
             return None
         claim = ledger.Claim(job_id=job.id, stage=job.stage, attempt=job.attempt)
-        document_id, kind = job.document_id, job.kind
-    return fail_attempt(claim, kind=kind, document_id=document_id, permanent=False, code=code,
-                        message=message)
+        document_id, kind, workspace_id = job.document_id, job.kind, job.workspace_id
+    return fail_attempt(claim, kind=kind, workspace_id=workspace_id, document_id=document_id,
+                        permanent=False, code=code, message=message)
 
 
 def run_stage(
@@ -244,6 +248,7 @@ def run_stage(
                 on_cancel(session, ctx)
             ledger.acknowledge_cancel(session, claim)
         log.info("job %s: cancelled during %s", job_id, stage)
+        dispatch(ctx.workspace_id, kind)
         return JobState.CANCELLED
     except (KeyboardInterrupt, SystemExit):
         # The worker is stopping (cold shutdown after the soft-shutdown grace): hand the
@@ -253,7 +258,8 @@ def run_stage(
         raise
     except BaseException as exc:  # noqa: BLE001 - every failure is recorded, none swallowed
         permanent, code = classify(exc)
-        state = fail_attempt(claim, kind=kind, document_id=ctx.document_id, permanent=permanent,
+        state = fail_attempt(claim, kind=kind, workspace_id=ctx.workspace_id,
+                             document_id=ctx.document_id, permanent=permanent,
                              code=code, message=str(exc) or type(exc).__name__,
                              traceback="".join(traceback.format_exception(exc)))
         return str(state)
@@ -261,7 +267,9 @@ def run_stage(
         heartbeat.stop_event.set()
         metrics.stage_finished(stage=stage, queue=queue, seconds=time.monotonic() - began)
     if handoff.stage is not None:
-        publish(job_id, handoff.stage)
+        publish(job_id, handoff.stage)  # the same job at its next stage: it keeps its slot
         return "handed-off"
     metrics.job_outcome(kind=kind, queue=queue, state=JobState.SUCCEEDED)
+    # Its slot is free (or, split into parts, it left flight and its parts are held).
+    dispatch(ctx.workspace_id, kind)
     return JobState.SUCCEEDED

@@ -22,8 +22,8 @@ from api.schemas import (
     SearchRequest,
     SearchResults,
 )
-from api.state import publish_job, query_encoder
-from models import Job, JobKind, Stage, ledger, quotas
+from api.state import dispatch_held, publish_job, query_encoder
+from models import Job, JobKind, Stage, fairness, ledger, quotas
 from models.entities import FINAL_STATES
 from sluice.db import read_scope, session_scope
 from sluice.logs import bind_context
@@ -48,10 +48,17 @@ async def ask(
     `?wait=SECONDS` it waits up to that long and returns the finished job (`200`), whose
     `result` holds `{"answer", "citations": [...], "answered"}`."""
     await run_in_threadpool(_count_answer, workspace)
-    job_id = await run_in_threadpool(_create_answer_job, workspace, body)
+    job_id, room = await run_in_threadpool(_create_answer_job, workspace, body)
     bind_context(job_id=job_id)
-    log.info("question queued as job %s", job_id)
-    await run_in_threadpool(publish_job, job_id, Stage.ANSWER)
+    cap = get_settings().workspace_answer_inflight_cap
+    if room.admits(cap):
+        log.info("question queued as job %s", job_id)
+        await run_in_threadpool(publish_job, job_id, Stage.ANSWER)
+    else:
+        log.info("question queued as job %s, held: the workspace has %d questions in flight "
+                 "(cap %s)", job_id, room.in_flight, cap)
+        if room.frees(cap):  # older questions were held although there is room
+            await run_in_threadpool(dispatch_held, workspace, JobKind.ANSWER)
     response.headers["Location"] = f"/v1/jobs/{job_id}"
     if wait > 0:
         deadline = time.monotonic() + wait
@@ -78,7 +85,9 @@ def _count_answer(workspace: str) -> None:
             message=f"the workspace may ask {per_minute} questions a minute; retry in {wait} s")
 
 
-def _create_answer_job(workspace: str, body: AnswerRequest) -> str:
+def _create_answer_job(workspace: str, body: AnswerRequest) -> tuple[str, fairness.Room]:
+    """The question's job, held when the workspace has as many questions in flight as
+    `SLUICE_WORKSPACE_ANSWER_INFLIGHT_CAP` (see `_record_upload` of documents)."""
     settings = get_settings()
     with session_scope() as session:
         ensure_workspace(session, workspace)
@@ -87,10 +96,12 @@ def _create_answer_job(workspace: str, body: AnswerRequest) -> str:
                                        defaults=default_quota(settings))
         quotas.check_job(session, workspace_id=workspace, quota=quota,
                          retry_after_s=settings.quota_retry_after_s)
+        room = fairness.admit(session, workspace_id=workspace, lane=fairness.ANSWER)
         job = ledger.create_job(session, workspace_id=workspace, kind=JobKind.ANSWER,
                                 stage=Stage.ANSWER,
-                                payload={"question": body.question, "top_k": body.top_k})
-        return job.id
+                                payload={"question": body.question, "top_k": body.top_k},
+                                held=not room.admits(settings.workspace_answer_inflight_cap))
+        return job.id, room
 
 
 def _finished_job(job_id: str) -> JobOut | None:

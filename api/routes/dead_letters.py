@@ -13,7 +13,7 @@ from api.deps import AdminWorkspaceDep, SessionDep
 from api.errors import ApiError, not_found
 from api.routes.jobs import job_out
 from api.schemas import ErrorBody, JobOut, UtcDateTime
-from api.state import publish_job
+from api.state import dispatch_held
 from models import Job, JobAttempt, JobState, documents, ledger
 from sluice.db import session_scope
 from tasks.names import QUEUE_OF_TASK, TASK_OF_STAGE
@@ -117,11 +117,12 @@ def get_dead_letter(
 
 @router.post("/{job_id}/replay", response_model=JobOut, responses={404: {"model": ErrorBody}})
 def replay_dead_letter(job_id: str, workspace: AdminWorkspaceDep) -> JobOut:
-    """Queue the job again at the stage where it died; its history is kept."""
+    """Queue the job again at the stage where it died; its history is kept. It is published
+    within its workspace's in-flight cap, like a new job (`held` until there is a slot)."""
     with session_scope() as session:
-        stage = _replay(session, _owned_dead(session, workspace, job_id))
-    if stage is not None:
-        publish_job(job_id, stage)
+        kind = _replay(session, _owned_dead(session, workspace, job_id))
+    if kind is not None:
+        dispatch_held(workspace, kind)
     with session_scope() as session:
         return job_out(session.get_one(Job, job_id))
 
@@ -134,12 +135,13 @@ def replay_dead_letters(
     since: datetime | None = None,
     until: datetime | None = None,
 ) -> ReplayResult:
-    """Replay every dead job matching the filter."""
+    """Replay every dead job matching the filter; they go out within the workspace's
+    in-flight cap, oldest first, the rest as earlier ones end."""
     with session_scope() as session:
         jobs = session.scalars(_filtered(workspace, queue, error_code, since, until)).all()
-        replayed = [(j.id, stage) for j in jobs if (stage := _replay(session, j)) is not None]
-    for job_id, stage in replayed:
-        publish_job(job_id, stage)
+        replayed = [(j.id, kind) for j in jobs if (kind := _replay(session, j)) is not None]
+    for kind in sorted({kind for _, kind in replayed}):
+        dispatch_held(workspace, kind)
     return ReplayResult(replayed=[job_id for job_id, _ in replayed])
 
 
@@ -153,12 +155,13 @@ def discard_dead_letter(job_id: str, workspace: AdminWorkspaceDep) -> Response:
 
 
 def _replay(session: SessionDep, job: Job) -> str | None:
-    """Back to queued at the stage it died in; returns that stage (to publish after commit)."""
-    if not ledger.replay(session, job_id=job.id):
+    """Back to queued, held, at the stage it died in; returns its kind (to dispatch its lane
+    after commit)."""
+    if not ledger.replay(session, job_id=job.id, held=True):
         return None
     if job.document_id is not None:
         documents.mark_requeued(session, document_id=job.document_id)
-    return job.stage
+    return job.kind
 
 
 def _owned_dead(session: SessionDep, workspace: str, job_id: str) -> Job:

@@ -18,9 +18,9 @@ from api.deps import (
 )
 from api.errors import ApiError, not_found
 from api.schemas import DocumentList, DocumentOut, ErrorBody, ErrorInfo, UploadAccepted
-from api.state import blob_store, publish_job
+from api.state import blob_store, dispatch_held, publish_job
 from api.uploads import FILE_FIELD, FORM_FIELDS_MAX_BYTES, MultipartUpload, clean_filename
-from models import Document, Job, JobKind, Stage, ledger, quotas
+from models import Document, Job, JobKind, Stage, fairness, ledger, quotas
 from sluice.blobs import BlobTooLarge, StoredBlob
 from sluice.db import read_scope, session_scope
 from sluice.logs import bind_context
@@ -52,7 +52,9 @@ async def upload_document(
     """Upload one document (multipart field `file`). Its bytes are streamed to the blob store
     as they arrive, hashed on the way, and refused with `413 too_large` the moment they pass
     the limit (nothing is left behind); a job is recorded in the same transaction as the
-    document and published after commit.
+    document and published after commit (or held, queued without a message, while the
+    workspace has as many documents in flight as `SLUICE_WORKSPACE_INFLIGHT_CAP`: it goes out
+    when one of them ends; `GET /v1/jobs/{id}` shows `held`).
 
     Identical bytes already in the workspace return the existing document with `200` and
     `"duplicate": true`, unless `force=true`."""
@@ -70,7 +72,7 @@ async def upload_document(
             raise _storage_quota(room) from exc
         raise ApiError(413, "too_large", str(exc)) from exc
     filename = clean_filename(upload.filename)
-    accepted = await run_in_threadpool(
+    accepted, room = await run_in_threadpool(
         _record_upload, workspace=workspace, blob=blob, filename=filename,
         content_type=upload.content_type, force=force,
     )
@@ -81,9 +83,20 @@ async def upload_document(
     else:
         log.info("document %s (%r, %d bytes) uploaded as job %s", accepted.document_id,
                  filename, blob.size, accepted.job_id)
-        await run_in_threadpool(publish_job, accepted.job_id, Stage.PARSE)
+        await _publish_or_hold(workspace, accepted.job_id, room)
     response.headers["Location"] = f"/v1/jobs/{accepted.job_id}"
     return accepted
+
+
+async def _publish_or_hold(workspace: str, job_id: str, room: fairness.Room | None) -> None:
+    cap = get_settings().workspace_inflight_cap
+    if room is None or room.admits(cap):
+        await run_in_threadpool(publish_job, job_id, Stage.PARSE)
+        return
+    log.info("job %s held: the workspace has %d documents in flight (cap %s)", job_id,
+             room.in_flight, cap)
+    if room.frees(cap):  # older jobs were held although there is room: a dispatch was missed
+        await run_in_threadpool(dispatch_held, workspace, JobKind.INGEST)
 
 
 def _room_for_upload(workspace: str) -> int | None:
@@ -108,11 +121,12 @@ def _storage_quota(room: int) -> ApiError:
 
 def _record_upload(
     *, workspace: str, blob: StoredBlob, filename: str, content_type: str | None, force: bool
-) -> UploadAccepted:
+) -> tuple[UploadAccepted, fairness.Room | None]:
     """The document and its job, in one transaction, if they still fit the quotas (checked
-    under the workspace's lock: concurrent uploads cannot both take the last place). A
-    refused upload leaves no row; its blob, if no document uses it, goes with the orphan
-    purge."""
+    under the workspace's lock: concurrent uploads cannot both take the last place, nor the
+    last in-flight slot). A refused upload leaves no row; its blob, if no document uses it,
+    goes with the orphan purge. Returns the lane's room the job was admitted by (None for a
+    duplicate): it was created held unless the room admitted it."""
     settings = get_settings()
     with session_scope() as session:
         ensure_workspace(session, workspace)
@@ -127,7 +141,8 @@ def _record_upload(
                 .limit(1)
             ).first()
             if existing is not None:
-                return UploadAccepted(document_id=existing[0], job_id=existing[1], duplicate=True)
+                return UploadAccepted(document_id=existing[0], job_id=existing[1],
+                                      duplicate=True), None
         quota = quotas.effective_quota(session, workspace_id=workspace,
                                        defaults=default_quota(settings))
         quotas.check_document(session, workspace_id=workspace, quota=quota,
@@ -136,9 +151,11 @@ def _record_upload(
                        sha256=blob.sha256, size_bytes=blob.size)
         session.add(doc)
         session.flush()
+        room = fairness.admit(session, workspace_id=workspace, lane=fairness.INGEST)
         job = ledger.create_job(session, workspace_id=workspace, kind=JobKind.INGEST,
-                                stage=Stage.PARSE, document_id=doc.id)
-        return UploadAccepted(document_id=doc.id, job_id=job.id)
+                                stage=Stage.PARSE, document_id=doc.id,
+                                held=not room.admits(settings.workspace_inflight_cap))
+        return UploadAccepted(document_id=doc.id, job_id=job.id), room
 
 
 @router.get("", response_model=DocumentList)
@@ -181,6 +198,7 @@ def delete_document(document_id: str, workspace: WriterWorkspaceDep) -> Response
             select(func.count()).select_from(Document)
             .where(Document.workspace_id == workspace, Document.sha256 == sha)
         )
+    dispatch_held(workspace, JobKind.INGEST)  # a cancelled job's slot is free
     if not still_used:
         blob_store().delete(workspace, sha)
     return Response(status_code=204)

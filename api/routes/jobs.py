@@ -10,7 +10,8 @@ from sqlalchemy import select
 from api.deps import SessionDep, WorkspaceDep, WriterWorkspaceDep
 from api.errors import not_found
 from api.schemas import ErrorBody, ErrorInfo, JobOut, PartsOut
-from models import Job, ledger
+from api.state import dispatch_held
+from models import Job, JobState, ledger
 from sluice.db import session_scope
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -27,6 +28,7 @@ def job_out(job: Job) -> JobOut:
         parts=PartsOut(total=job.parts_total, done=job.parts_done, failed=job.parts_failed)
         if job.parts_total else None,
         parent_id=job.parent_id,
+        held=bool(job.held) and job.state == JobState.QUEUED,
     )
 
 
@@ -48,8 +50,9 @@ def cancel_job(job_id: str, workspace: WriterWorkspaceDep) -> JobOut:
     """Cancel a job: a queued job never starts; a running one stops at its next checkpoint
     and leaves no partial data."""
     with session_scope() as session:
-        owned_job(session, workspace, job_id)
+        kind = owned_job(session, workspace, job_id).kind
         ledger.cancel(session, job_id=job_id)
+    dispatch_held(workspace, kind)  # a queued job's slot is free
     with session_scope() as session:
         return job_out(owned_job(session, workspace, job_id))
 

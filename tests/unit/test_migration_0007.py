@@ -42,7 +42,7 @@ def _schema_drift() -> list[object]:
 def test_0007_up_and_down(any_db: dict[str, str]) -> None:
     from api.deps import ensure_workspace
 
-    assert migrate.current_revision(get_engine()) == "0007" == migrate.head_revision()
+    assert migrate.current_revision(get_engine()) == migrate.head_revision()  # 0007 or later
     assert _tables() >= NEW_TABLES and "ix_jobs_workspace_state" in _job_indexes()
     assert _schema_drift() == []
     with session_scope() as session:
