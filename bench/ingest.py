@@ -1,11 +1,12 @@
 """Embedding efficiency: documents ingested end to end, against the limit measured in the same run.
 
     .venv/bin/python bench/ingest.py                    # 1,000 SciFact abstracts + the 20 10-Q PDFs
-    .venv/bin/python bench/ingest.py --docs 5183        # every SciFact abstract
+    .venv/bin/python bench/ingest.py --docs 4000        # most of the SciFact abstracts
     .venv/bin/python bench/ingest.py --only small --docs 200    # a smoke run
 
-Two corpora: many small documents (SciFact abstracts, each written out as a .txt file: title,
-blank line, abstract) and a few large ones (the 10-Q PDFs of ../shared/data/qa/docugami-sec-10-q).
+Two corpora: many small documents (SciFact abstracts of 40 words or more, each written out as a
+.txt file by the fault harness's `make_corpus`: title, blank line, abstract) and a few large
+ones (the 10-Q PDFs of ../shared/data/qa/docugami-sec-10-q).
 Each goes end to end through the real API (uvicorn), the broker and real worker processes on the
 embedded default (SQLite + filesystem broker; the pools of `sluice up`: parse prefork 2, embed
 prefork 1, answer+maintenance 1) — from the first upload to the last job `succeeded`.
@@ -26,7 +27,6 @@ to back with nothing else). The last line is one JSON object with every figure.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -41,31 +41,14 @@ sys.path.insert(0, str(REPO))
 
 from bench._common import log, machine, print_json, table  # noqa: E402
 from tests import corpus_harness as harness  # noqa: E402
+from tests.faults.harness import make_corpus  # noqa: E402
 from tests.stack import FINAL, Stack  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
-SCIFACT = DATA / "scifact" / "corpus.jsonl"
 TEN_Q = DATA / "qa" / "docugami-sec-10-q" / "data" / "v1" / "docs"
 BATCH_SIZES = (16, 32, 64)
-SCIFACT_DOCS = 5183
 WARM_UP_DOCS = 6
 UPLOADERS = 8
-
-
-def scifact_files(target: Path, docs: int, *, skip: int = 0) -> list[Path]:
-    target.mkdir(parents=True, exist_ok=True)
-    files: list[Path] = []
-    with SCIFACT.open() as corpus:
-        for n, line in enumerate(corpus):
-            if n < skip:
-                continue
-            if len(files) >= docs:
-                break
-            doc = json.loads(line)
-            path = target / f"scifact-{doc['_id']}.txt"
-            path.write_text(f"{doc['title']}\n\n{doc['text']}\n")
-            files.append(path)
-    return files
 
 
 def _ingest(client: Any, files: list[Path]) -> list[str]:
@@ -200,7 +183,7 @@ def run(name: str, files: list[Path], warm_up: list[Path], env: dict[str, str], 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=1000,
-                        help=f"SciFact abstracts (max {SCIFACT_DOCS - WARM_UP_DOCS})")
+                        help="SciFact abstracts of 40 words or more (about 4,900 exist)")
     parser.add_argument("--only", choices=("small", "large"))
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="a setting for every process, e.g. SLUICE_EMBEDDING_BACKEND=torch")
@@ -215,11 +198,11 @@ def main() -> int:
         tagger = ensure_tagger(DATA / "nlp" / "ud-english-ewt", work / "nlp")
         env = {"SLUICE_TAGGER_PATH": str(tagger),
                **dict(item.split("=", 1) for item in args.env)}
-        # warm-up documents: the last abstracts of the corpus, never among the measured ones
-        warm_up = scifact_files(work / "warm-up", WARM_UP_DOCS, skip=SCIFACT_DOCS - WARM_UP_DOCS)
+        # the first few abstracts warm the workers up; the measured ones come after them
+        abstracts = make_corpus(work / "scifact", WARM_UP_DOCS + args.docs)
+        warm_up = abstracts[:WARM_UP_DOCS]
         corpora = {
-            "small": lambda: scifact_files(work / "scifact",
-                                           min(args.docs, SCIFACT_DOCS - WARM_UP_DOCS)),
+            "small": lambda: abstracts[WARM_UP_DOCS:],
             "large": lambda: sorted(TEN_Q.glob("*.pdf")),
         }
         for name, files in corpora.items():
