@@ -178,9 +178,8 @@ def main() -> int:
                              "embed every 1,000); default: off for the run, so only a leak grows")
     parser.add_argument("--broker", choices=("redis", "filesystem"), default=None,
                         help="default: Redis (own key prefix) when it runs, else the embedded "
-                             "filesystem broker (kombu's filesystem transport can hand a worker a "
-                             "message file before its writer has written it, which stops the "
-                             "worker: see the README)")
+                             "filesystem broker (see bench/README.md for why Redis is the "
+                             "default)")
     parser.add_argument("--tagger-cache", type=Path, help="reuse a trained tagger from here")
     parser.add_argument("--timeout", type=float, default=3600, help="for all jobs to end (s)")
     parser.add_argument("--keep", action="store_true")
