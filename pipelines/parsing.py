@@ -181,8 +181,8 @@ def _parse(
 
     file_type = _sniff_type(handle, filename=filename, content_type=content_type)
     _refuse_mismatch(handle, file_type, filename=filename, content_type=content_type)
-    if file_type.name in _UTF16_AWARE:
-        handle = _utf16_as_utf8(handle) or handle
+    if file_type.name in _TRANSCODED_TEXT:
+        handle = _wide_text_as_utf8(handle) or handle
     _refuse_encrypted(handle, file_type, filename)
     _refuse_unsupported(file_type, filename)
     pdf = _probe_pdf(handle) if file_type.name == "PDF" else None
@@ -287,11 +287,11 @@ _LENIENT_RETRY: Final = {
     "TSV": _Lenient({"content_type": "text/plain"}, "as plain text"),
 }
 
-# Text formats unstructured reads as UTF-8 or 8-bit only.
-_UTF16_AWARE: Final = frozenset({"EML", "CSV", "TSV", "TXT", "MD", "RST", "ORG"})
+# Text formats unstructured reads as UTF-8 or 8-bit only: UTF-16/32 ones are transcoded first.
+_TRANSCODED_TEXT: Final = frozenset({"EML", "CSV", "TSV", "TXT", "MD", "RST", "ORG"})
 
 
-def _utf16_as_utf8(handle: IO[bytes]) -> IO[bytes] | None:
+def _wide_text_as_utf8(handle: IO[bytes]) -> IO[bytes] | None:
     """A UTF-16 text file (with a byte-order mark, or ASCII-headed like an e-mail's RFC 5322
     headers, so every other byte of its head is zero), or a UTF-32 one with its mark,
     re-encoded as UTF-8; None for any other.
