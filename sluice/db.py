@@ -6,8 +6,9 @@ shares its parent's connections.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
@@ -18,6 +19,13 @@ from sluice.settings import get_settings
 _engine: Engine | None = None
 _sessionmaker: sessionmaker[Session] | None = None
 _read_sessionmaker: sessionmaker[Session] | None = None
+_serialise_writers = False
+_sqlite_writer = threading.RLock()
+"""SQLite: the threads of one process take turns at the write lock here. SQLite lets one
+writer in at a time anyway, but a thread that finds the lock taken sleeps in SQLite's busy
+handler (1, 2, 5 ... 100 ms steps) and only then looks again, so under contention the lock
+stays free while waiters sleep; here the next thread is woken the moment it is released.
+(Re-entrant: a nested transaction in the same thread behaves as it did without it.)"""
 
 
 def is_sqlite(url: str) -> bool:
@@ -65,10 +73,11 @@ def make_engine(url: str) -> Engine:
 
 
 def get_engine() -> Engine:
-    global _engine, _sessionmaker, _read_sessionmaker
+    global _engine, _sessionmaker, _read_sessionmaker, _serialise_writers
     if _engine is None:
         settings = get_settings()
         url = settings.resolved_database_url
+        _serialise_writers = is_sqlite(url)
         if is_sqlite(url):
             settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
         _engine = make_engine(url)
@@ -118,8 +127,9 @@ def read_scope() -> Iterator[Session]:
 def session_scope() -> Iterator[Session]:
     """A short transaction: commit on success, roll back on error."""
     session = new_session()
+    turn = _sqlite_writer if _serialise_writers else nullcontext()
     try:
-        with session.begin():
+        with turn, session.begin():
             yield session
     finally:
         session.close()
