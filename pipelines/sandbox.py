@@ -48,16 +48,18 @@ from __future__ import annotations
 import contextlib
 import errno
 import gc
+import math
 import os
 import pickle
 import resource
 import select
 import signal
+import struct
 import sys
 import time
 import traceback
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final, TypeVar
 
 from pipelines.errors import CorruptDocument, MemoryLimitExceeded, ParseTimeout
@@ -71,6 +73,8 @@ _READ_CHUNK: Final = 1 << 20
 _REAP_GRACE_S: Final = 5.0  # after the pipe closes, the child has this long to exit
 _CPU_GRACE_S: Final = 5  # the hard RLIMIT_CPU (SIGKILL) this long after the soft one
 _PR_SET_PDEATHSIG: Final = 1
+# Pre-built, so a child out of memory can still say so.
+_MEMORY_REPORT: Final = pickle.dumps(("memory", None, "", 0, 0))
 # Children that delivered their result but had not finished exiting: tearing down a forked
 # copy of a 600 MB worker takes as long as the fork (~50 ms here), and the caller need not
 # wait for it. Reaped (WNOHANG) at the next call; a worker process that exits reaps the rest.
@@ -212,10 +216,13 @@ def _run(
 
 
 def _collect(
-    read_fd: int, pid: int, limits: SandboxLimits, poll: Callable[[], None] | None
+    read_fd: int, pid: int, limits: SandboxLimits, poll: Callable[[], None] | None, *,
+    framed: bool = False,
 ) -> tuple[bytes, bool]:
-    """Drain the pipe until EOF; (bytes, timed out?)."""
+    """Drain the pipe until EOF, or ``framed``, until one whole frame has come (b"" if the
+    pipe closes before); (bytes, timed out?)."""
     chunks: list[bytes] = []
+    got, need = 0, -1
     deadline = None if limits.wall_time_s is None else time.monotonic() + limits.wall_time_s
     poller = select.poll()  # not select(): a busy worker may hold fds above FD_SETSIZE
     poller.register(read_fd, select.POLLIN | select.POLLHUP | select.POLLERR)
@@ -229,8 +236,14 @@ def _collect(
         if poller.poll(wait * 1000):
             data = os.read(read_fd, _READ_CHUNK)
             if not data:
-                return b"".join(chunks), False
+                return (b"" if framed else b"".join(chunks)), False
             chunks.append(data)
+            got += len(data)
+            if framed:
+                if need < 0 and got >= _FRAME.size:
+                    need = _FRAME.size + _FRAME.unpack(b"".join(chunks)[:_FRAME.size])[0]
+                if 0 <= need <= got:
+                    return b"".join(chunks), False
         if poll is not None:
             poll()
 
@@ -320,6 +333,149 @@ def _signal_name(sig: int) -> str:
         return str(sig)
 
 
+# --- a child kept between calls ----------------------------------------------------------
+
+
+class Resident:
+    """A sandboxed child that outlives one call: forked on the first ``call``, then fed one
+    call at a time over a pipe, with ``run_limited``'s limits and outcomes.
+
+    Forking a worker of ~700 MB costs the parent ~25 ms of page-table copying and the child
+    ~50 ms of copy-on-write faults and teardown, four times the parse of a small text (19 ms
+    here): per document, most of a small file's parse. A resident child pays that once per
+    ``max_calls`` documents. Isolation is unchanged where it matters: the child's memory cap
+    (``RLIMIT_DATA``) is set once, its CPU limit is re-armed per call (the soft
+    ``RLIMIT_CPU`` moved to the CPU used so far plus the call's budget; the hard limit is left
+    as inherited, since an unprivileged process cannot raise it again, so the wall-time limit
+    is the backstop), and any call that ends in anything but a value or an ordinary exception
+    (timeout, memory, a crash, a cancelled wait) ends the child too, so the next call gets a
+    fresh one. It also leaves after ``max_calls`` calls, or once its heap has grown by
+    ``max_growth_bytes`` since it was forked (what a parser leaked or fragmented is not
+    carried into the next document's budget for long).
+
+    One per process, used from one thread at a time; a process forked from the owner (a new
+    pool process) starts its own.
+    """
+
+    def __init__(self, *, max_calls: int = 100, max_growth_bytes: int = 256 << 20) -> None:
+        if max_calls < 1:
+            raise ValueError("max_calls must be at least 1")
+        self.max_calls = max_calls
+        self.max_growth_bytes = max_growth_bytes
+        self._pid: int | None = None
+        self._owner = 0
+        self._to_child = -1
+        self._from_child = -1
+        self._memory_bytes: int | None = None
+        self._calls = 0
+
+    @property
+    def pid(self) -> int | None:
+        """The resident child's pid, None when there is none (for tests and logs)."""
+        return self._pid if self._owner == os.getpid() else None
+
+    def call(
+        self,
+        fn: Callable[..., T],
+        *,
+        args: tuple[Any, ...] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        limits: SandboxLimits = DEFAULT_LIMITS,
+        poll: Callable[[], None] | None = None,
+        label: str = "the child",
+    ) -> T:
+        """``fn(*args, **kwargs)`` in the resident child; ``fn`` must pickle by reference (a
+        module-level function), its arguments and result by value."""
+        if self.pid is not None and _reap(self.pid, wait_s=0) is not None:
+            self.close()  # it died while idle (killed from outside): not this call's doing
+        if self.pid is None or self._memory_bytes != limits.memory_bytes:
+            self.close()
+            self._spawn(limits)
+        assert self._pid is not None
+        pid, started = self._pid, time.perf_counter()
+        request = pickle.dumps((fn, args, dict(kwargs or {}), limits.cpu_time_s),
+                               protocol=pickle.HIGHEST_PROTOCOL)
+        stays, kill = False, True
+        try:
+            try:
+                _write_all(self._to_child, _frame(request, leaving=False))
+                payload, timed_out = _collect(self._from_child, pid, limits, poll, framed=True)
+            except BrokenPipeError:  # it died between calls (killed from outside)
+                payload, timed_out = b"", False
+            self._calls += 1
+            if timed_out:
+                raise ParseTimeout(f"{label} ran past its wall-time limit of "
+                                   f"{limits.wall_time_s:g} s and was stopped")
+            if not payload:  # no result: its exit status says why
+                status = _reap(pid, wait_s=_REAP_GRACE_S)
+                kill = status is None  # closed its pipe but lives on
+                _outcome(b"", -1 if status is None else status, label=label, limits=limits,
+                         fork_s=0.0)  # raises: an empty payload is always a failure
+            leaving, report = _unframe(payload)
+            kill = False
+            stays = not leaving and self._calls < self.max_calls
+            value: T = _outcome(report, 0, label=label, limits=limits,
+                                fork_s=time.perf_counter() - started).value
+            return value
+        finally:
+            if not stays:
+                self.close(kill=kill)
+
+    def close(self, *, kill: bool = False) -> None:
+        """End the child: let it leave on its own (EOF on its pipe) or, ``kill``, now."""
+        if self._owner != os.getpid():  # inherited through a fork: not ours to end
+            self._pid, self._owner = None, os.getpid()
+            return
+        for fd in (self._to_child, self._from_child):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._to_child = self._from_child = -1
+        pid, self._pid = self._pid, None
+        if pid is not None:
+            if kill:
+                _kill(pid)
+            if _reap(pid, wait_s=None if kill else 0) is None:  # leaving on its own time
+                _exiting.add(pid)
+
+    def _spawn(self, limits: SandboxLimits) -> None:
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        parent_pid = os.getpid()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        _reap_exited()
+        gc.freeze()
+        try:
+            pid = os.fork()
+        finally:
+            if os.getpid() == parent_pid:
+                gc.unfreeze()
+        if pid == 0:  # the child: never returns
+            os.close(to_child_w)
+            os.close(from_child_r)
+            _resident_main(to_child_r, from_child_w, limits, parent_pid, self.max_growth_bytes)
+        os.close(to_child_r)
+        os.close(from_child_w)
+        with contextlib.suppress(OSError):
+            os.setpgid(pid, pid)
+        self._pid, self._owner, self._calls = pid, parent_pid, 0
+        self._to_child, self._from_child = to_child_w, from_child_r
+        self._memory_bytes = limits.memory_bytes
+
+
+_FRAME: Final = struct.Struct(">QB")  # payload length, and whether the child leaves after it
+
+
+def _frame(payload: bytes, *, leaving: bool) -> bytes:
+    return _FRAME.pack(len(payload), leaving) + payload
+
+
+def _unframe(data: bytes) -> tuple[bool, bytes]:
+    size, leaving = _FRAME.unpack_from(data)
+    return bool(leaving), data[_FRAME.size:_FRAME.size + size]
+
+
 # --- the child ---------------------------------------------------------------------------
 
 
@@ -335,46 +491,125 @@ def _child_main(
     """Set limits, run, report, ``os._exit``. Nothing here may return or raise."""
     exit_code = _EXIT_INTERNAL
     try:
-        # Pre-built, so a child out of memory can still say so.
-        memory_report = pickle.dumps(("memory", None, "", 0, 0))
-        try:
-            _child_setup(limits, parent_pid)
-        except Exception as exc:  # noqa: BLE001 - reported to the parent as our failure
-            _write_all(write_fd, pickle.dumps(
-                ("internal", f"{type(exc).__name__}: {exc}", traceback.format_exc(), 0, 0)))
-            os.close(write_fd)
+        if not _setup_or_report(limits, parent_pid, write_fd, framed=False):
             os._exit(_EXIT_OK)
-        try:
-            value = fn(*args, **kwargs)
-            rss, vm = _peaks() if measure else (0, 0)
-            result: tuple[Any, ...] = ("ok", value, "", rss, vm)
-        except MemoryError:
-            result = ("memory", None, "", 0, 0)
-        except Exception as exc:  # noqa: BLE001 - sent to the parent, raised there
-            if _caused_by_memory(exc) or _at_memory_cap(limits):
-                result = ("memory", None, "", 0, 0)
-            else:
-                result = ("error", exc, traceback.format_exc(), 0, 0)
-        except BaseException as exc:  # noqa: BLE001 - SystemExit etc.: described, not re-raised
-            result = ("base", f"{type(exc).__name__}: {exc}", traceback.format_exc(), 0, 0)
-        try:
-            payload = pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
-            if result[0] == "error":
-                pickle.loads(payload)  # noqa: S301 - an exception must also rebuild (cls(*args))
-        except MemoryError:
-            payload = memory_report
-        except Exception as exc:  # noqa: BLE001 - e.g. an exception with unpicklable args
-            described = f"{type(result[1]).__name__}: {result[1]} (result not picklable: {exc})"
-            payload = pickle.dumps(("unpicklable", described, result[2], 0, 0))
-        _write_all(write_fd, payload)
+        _write_all(write_fd, _encode(_call(fn, args, kwargs, limits, measure)))
         os.close(write_fd)  # EOF now: the kernel frees our memory before it closes files
         exit_code = _EXIT_OK
     except MemoryError:
         with contextlib.suppress(BaseException):
-            _write_all(write_fd, memory_report)
+            _write_all(write_fd, _MEMORY_REPORT)
         exit_code = _EXIT_MEMORY
     finally:
         os._exit(exit_code)
+
+
+def _setup_or_report(limits: SandboxLimits, parent_pid: int, write_fd: int, *,
+                     framed: bool) -> bool:
+    """Apply the limits; if that fails, tell the parent (our failure, not the input's)."""
+    try:
+        _child_setup(limits, parent_pid)
+    except Exception as exc:  # noqa: BLE001 - reported to the parent as our failure
+        report = pickle.dumps(
+            ("internal", f"{type(exc).__name__}: {exc}", traceback.format_exc(), 0, 0))
+        _write_all(write_fd, _frame(report, leaving=True) if framed else report)
+        os.close(write_fd)
+        return False
+    return True
+
+
+def _call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+          limits: SandboxLimits, measure: bool) -> tuple[Any, ...]:
+    """``fn``'s outcome as the report tuple (kind, value, traceback, peak RSS, peak VM)."""
+    try:
+        value = fn(*args, **kwargs)
+        rss, vm = _peaks() if measure else (0, 0)
+        return ("ok", value, "", rss, vm)
+    except MemoryError:
+        return ("memory", None, "", 0, 0)
+    except Exception as exc:  # noqa: BLE001 - sent to the parent, raised there
+        if _caused_by_memory(exc) or _at_memory_cap(limits):
+            return ("memory", None, "", 0, 0)
+        return ("error", exc, traceback.format_exc(), 0, 0)
+    except BaseException as exc:  # noqa: BLE001 - SystemExit etc.: described, not re-raised
+        return ("base", f"{type(exc).__name__}: {exc}", traceback.format_exc(), 0, 0)
+
+
+def _encode(result: tuple[Any, ...]) -> bytes:
+    try:
+        payload = pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+        if result[0] == "error":
+            pickle.loads(payload)  # noqa: S301 - an exception must also rebuild (cls(*args))
+    except MemoryError:
+        return _MEMORY_REPORT
+    except Exception as exc:  # noqa: BLE001 - e.g. an exception with unpicklable args
+        described = f"{type(result[1]).__name__}: {result[1]} (result not picklable: {exc})"
+        return pickle.dumps(("unpicklable", described, result[2], 0, 0))
+    return payload
+
+
+def _resident_main(read_fd: int, write_fd: int, limits: SandboxLimits, parent_pid: int,
+                   max_growth_bytes: int) -> None:
+    """A resident child's loop: read a call, re-arm the CPU limit, run it, answer; leave on
+    EOF, after any outcome but a value or an ordinary exception, or once the heap has grown
+    past ``max_growth_bytes``. Nothing here may return or raise."""
+    exit_code = _EXIT_INTERNAL
+    try:
+        if not _setup_or_report(replace(limits, cpu_time_s=None), parent_pid, write_fd,
+                                framed=True):
+            os._exit(_EXIT_OK)
+        data_at_start = _status_fields("VmData").get("VmData", 0)
+        while True:
+            request = _read_frame(read_fd)
+            if request is None:  # the parent closed our pipe: done
+                exit_code = _EXIT_OK
+                break
+            fn, args, kwargs, cpu_time_s = pickle.loads(request)  # noqa: S301 - our parent
+            if cpu_time_s is not None:
+                usage = resource.getrusage(resource.RUSAGE_SELF)
+                _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+                soft = math.ceil(usage.ru_utime + usage.ru_stime) + cpu_time_s
+                resource.setrlimit(resource.RLIMIT_CPU, (
+                    soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
+            result = _call(fn, args, kwargs, limits, False)
+            del fn, args, kwargs
+            grown = _status_fields("VmData").get("VmData", 0) - data_at_start
+            leaving = result[0] not in ("ok", "error") or grown > max_growth_bytes
+            payload = _encode(result)
+            del result
+            _write_all(write_fd, _frame(payload, leaving=leaving or payload == _MEMORY_REPORT))
+            if leaving or payload == _MEMORY_REPORT:
+                exit_code = _EXIT_OK
+                break
+    except MemoryError:
+        with contextlib.suppress(BaseException):
+            _write_all(write_fd, _frame(_MEMORY_REPORT, leaving=True))
+        exit_code = _EXIT_MEMORY
+    finally:
+        os._exit(exit_code)
+
+
+def _read_frame(fd: int) -> bytes | None:
+    """One request frame from the parent; None on EOF."""
+    head = _read_exactly(fd, _FRAME.size)
+    if head is None:
+        return None
+    size, _ = _FRAME.unpack(head)
+    return _read_exactly(fd, size)
+
+
+def _read_exactly(fd: int, size: int) -> bytes | None:
+    parts, left = [], size
+    while left:
+        try:
+            data = os.read(fd, min(left, _READ_CHUNK))
+        except InterruptedError:  # pragma: no cover - PEP 475 retries
+            continue
+        if not data:
+            return None
+        parts.append(data)
+        left -= len(data)
+    return b"".join(parts)
 
 
 def _child_setup(limits: SandboxLimits, parent_pid: int) -> None:

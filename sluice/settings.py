@@ -97,6 +97,12 @@ class Settings(BaseSettings):
         default=True, description="Parse each document in a forked child with the memory and "
         "wall-time limits below; off only to debug a parser in-process (Linux; needs fork)."
     )
+    parse_sandbox_reuse: int = Field(
+        default=100, ge=0, description="Documents one sandboxed parse child handles, one after "
+        "another, before it is replaced (any failure but an ordinary parse error replaces it "
+        "at once); 0 forks a child per document. Reuse saves the fork of a ~700 MB worker, "
+        "which costs more than parsing a small file."
+    )
     parse_memory_limit_mb: int | None = Field(
         default=3072, ge=256, description="The parse child's RLIMIT_DATA (heap and private "
         "mappings, ~700 MB of it inherited from the worker); over it: `memory_limit`."

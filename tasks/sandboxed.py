@@ -5,13 +5,16 @@ sandbox."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pipelines.guards import GuardLimits
 from pipelines.hygiene import HygieneLimits
 from sluice.settings import get_settings
 from tasks.runner import StageContext
 from workers import resources
+
+if TYPE_CHECKING:
+    from pipelines.sandbox import Resident
 
 T = TypeVar("T")
 
@@ -45,13 +48,20 @@ def parse_options(*, filename: str, content_type: str | None) -> dict[str, Any]:
     }
 
 
+_resident: Resident | None = None
+"""This pool process's resident parse child (pipelines.sandbox.Resident), made on first use."""
+
+
 def run_parser(ctx: StageContext, fn: Callable[..., T], kwargs: dict[str, Any], *,
                label: str) -> T:
-    """`fn(**kwargs)` in a forked child with the parse limits (or in-process when the sandbox
-    is off). Imports and the tagger load first, once per pool process, so every child inherits
-    them; `ctx.checkpoint` runs while the child works, so a cancelled job kills its parse."""
+    """`fn(**kwargs)` in a sandboxed child with the parse limits (or in-process when the sandbox
+    is off): the pool process's resident child, or one forked for the call when
+    `parse_sandbox_reuse` is 0. Imports and the tagger load first, once per pool process, so
+    every child inherits them; `ctx.checkpoint` runs while the child works, so a cancelled job
+    kills its parse."""
+    global _resident
     from pipelines.parsing import warm_up
-    from pipelines.sandbox import SandboxLimits, run_limited
+    from pipelines.sandbox import Resident, SandboxLimits, run_limited
 
     settings = get_settings()
     if not settings.parse_sandbox:
@@ -61,5 +71,14 @@ def run_parser(ctx: StageContext, fn: Callable[..., T], kwargs: dict[str, Any], 
     limits = SandboxLimits(memory_bytes=None if memory_mb is None else memory_mb << 20,
                            cpu_time_s=settings.parse_cpu_time_s,
                            wall_time_s=settings.parse_wall_time_s)
-    result: T = run_limited(fn, kwargs=kwargs, limits=limits, poll=ctx.checkpoint, label=label)
-    return result
+    if settings.parse_sandbox_reuse == 0:
+        result: T = run_limited(fn, kwargs=kwargs, limits=limits, poll=ctx.checkpoint,
+                                label=label)
+        return result
+    if _resident is None or _resident.max_calls != settings.parse_sandbox_reuse:
+        if _resident is not None:
+            _resident.close()
+        _resident = Resident(max_calls=settings.parse_sandbox_reuse)
+    reused: T = _resident.call(fn, kwargs=kwargs, limits=limits, poll=ctx.checkpoint,
+                               label=label)
+    return reused
