@@ -16,12 +16,14 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.auth import CALLER_STATE, Caller
 from models.entities import IdempotencyRecord
 from sluice.db import read_scope, session_scope
 
 HEADER = "idempotency-key"
+HEADER_BYTES = HEADER.encode()  # ASGI header names are lower-case bytes
 REPLAYED_HEADER = "Idempotent-Replayed"
 KEPT_HEADERS = ("location", "content-type")
 
@@ -44,7 +46,7 @@ def _store(record: IdempotencyRecord) -> None:
         pass  # a concurrent request with the same key stored first; the first answer stands
 
 
-class IdempotencyMiddleware(BaseHTTPMiddleware):
+class _KeyedRequests(BaseHTTPMiddleware):
     async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
         key = request.headers.get(HEADER)
         if request.method != "POST" or not key:
@@ -79,6 +81,22 @@ class IdempotencyMiddleware(BaseHTTPMiddleware):
             headers=headers))
         return Response(content=body, status_code=response.status_code,
                         headers=dict(response.headers))
+
+
+class IdempotencyMiddleware:
+    """Plain ASGI in front: only a POST with the header goes through `BaseHTTPMiddleware`,
+    whose extra task and streams cost every other request ~1 ms of CPU."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.keyed = _KeyedRequests(app)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and any(
+                name == HEADER_BYTES for name, _ in scope["headers"]):
+            await self.keyed(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
 
 def install(app: FastAPI) -> None:

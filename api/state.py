@@ -29,10 +29,10 @@ def query_encoder() -> NumpyQueryEncoder:
         return NumpyQueryEncoder(get_settings().embedding_model_path or default_model_path())
 
 
-def publish_job(job_id: str, stage: str) -> bool:
+def publish_job(job_id: str, stage: str, *, mark: bool = True) -> bool:
     from tasks.publish import publish
 
-    return publish(job_id, stage)
+    return publish(job_id, stage, mark=mark)
 
 
 def dispatch_held(workspace_id: str, kind: str) -> int:

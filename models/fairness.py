@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from sqlalchemy import exists, false, func, select, true
+from sqlalchemy import Select, bindparam, exists, false, func, select, true
 from sqlalchemy.orm import Session
 
 from models import ledger
@@ -69,17 +69,26 @@ class Room:
 def room(session: Session, *, workspace_id: str, lane: str) -> Room:
     """The lane's jobs in flight and whether any are held, in one statement (both read from
     `ix_jobs_workspace_lane` alone). Call it under `lock_workspace` to act on it."""
-    kinds = LANES[lane]
+    count, waiting = session.execute(_ROOM[lane], {"workspace_id": workspace_id}).one()
+    return Room(in_flight=int(count), held=bool(waiting))
+
+
+def _room_statement(kinds: tuple[str, ...]) -> Select[tuple[int, bool]]:
+    workspace = bindparam("workspace_id")
     in_flight = (
         select(func.count()).select_from(Job)
-        .where(Job.workspace_id == workspace_id, Job.state.in_(IN_FLIGHT_STATES),
+        .where(Job.workspace_id == workspace, Job.state.in_(IN_FLIGHT_STATES),
                Job.held == false(), Job.kind.in_(kinds))
         .scalar_subquery()
     )
-    held = exists().where(Job.workspace_id == workspace_id, Job.state == JobState.QUEUED,
+    held = exists().where(Job.workspace_id == workspace, Job.state == JobState.QUEUED,
                           Job.held == true(), Job.kind.in_(kinds))
-    count, waiting = session.execute(select(in_flight, held)).one()
-    return Room(in_flight=int(count), held=bool(waiting))
+    return select(in_flight, held)
+
+
+# Built once (every upload runs it under its workspace's lock; building a statement and its
+# cache key costs more CPU than running it).
+_ROOM: Final = {lane: _room_statement(kinds) for lane, kinds in LANES.items()}
 
 
 def has_held(session: Session, *, workspace_id: str, lane: str) -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from datetime import datetime
 
-from sqlalchemy import BigInteger, ForeignKey, Integer, func, select
+from sqlalchemy import BigInteger, ForeignKey, Integer, bindparam, func, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from models.entities import Base, Document, Job, JobState, Workspace, utcnow
@@ -91,34 +91,67 @@ def set_overrides(session: Session, *, workspace_id: str, values: dict[str, int 
 
 
 def usage(session: Session, *, workspace_id: str) -> Usage:
-    documents, stored = session.execute(
-        select(func.count(), func.coalesce(func.sum(Document.size_bytes), 0))
-        .where(Document.workspace_id == workspace_id)
-    ).one()
-    return Usage(documents=int(documents), stored_bytes=int(stored),
-                 queued_jobs=unfinished_jobs(session, workspace_id=workspace_id))
+    return measure(session, workspace_id=workspace_id, defaults=Quota())[1]
+
+
+def measure(session: Session, *, workspace_id: str, defaults: Quota,
+            lock: bool = False) -> tuple[Quota, Usage]:
+    """The workspace's effective quota and its usage, in one statement (an upload runs it
+    under the workspace's lock, where every round trip counts). `lock`: lock the workspace
+    first, as `lock_workspace` does; its row must exist then (`LookupError` otherwise:
+    `api.deps.ensure_workspace` first). A workspace with no row yet has nothing: the defaults
+    and no usage.
+
+    The lock is a statement of its own: PostgreSQL (read committed) gives each statement the
+    snapshot it started with, so counts read in the statement that waited for the lock would
+    miss what the transaction that held it committed."""
+    if lock and session.execute(_LOCK, {"workspace_id": workspace_id}).first() is None:
+        raise LookupError(f"workspace {workspace_id!r} does not exist")
+    row = session.execute(_MEASURE, {"workspace_id": workspace_id}).first()
+    if row is None:  # no row, so no documents nor jobs (foreign keys) and no overrides
+        return defaults, Usage(documents=0, stored_bytes=0, queued_jobs=0)
+    used = Usage(documents=int(row[0]), stored_bytes=int(row[1]), queued_jobs=int(row[2]))
+    quota = Quota(**{name: value if value is not None else getattr(defaults, name)
+                     for name, value in zip(QUOTA_FIELDS, row[3:], strict=True)})
+    return quota, used
 
 
 def unfinished_jobs(session: Session, *, workspace_id: str) -> int:
     """Jobs the workspace's requests created that have not ended (parts are the work of
     their parent, which is counted)."""
-    return int(session.scalar(
-        select(func.count()).select_from(Job)
-        .where(Job.workspace_id == workspace_id, Job.state.in_(UNFINISHED_STATES),
-               Job.parent_id.is_(None))
-    ) or 0)
+    return int(session.scalar(_UNFINISHED, {"workspace_id": workspace_id}) or 0)
+
+
+# Built once: building a statement and its cache key costs more CPU than SQLite takes to run it.
+_WORKSPACE = bindparam("workspace_id")
+_UNFINISHED = (select(func.count()).select_from(Job)
+               .where(Job.workspace_id == _WORKSPACE, Job.state.in_(UNFINISHED_STATES),
+                      Job.parent_id.is_(None)))
+_MEASURE = (
+    select(select(func.count()).select_from(Document)
+           .where(Document.workspace_id == _WORKSPACE).scalar_subquery(),
+           select(func.coalesce(func.sum(Document.size_bytes), 0))
+           .where(Document.workspace_id == _WORKSPACE).scalar_subquery(),
+           _UNFINISHED.scalar_subquery(),
+           *(getattr(WorkspaceQuota, name) for name in QUOTA_FIELDS))
+    .select_from(Workspace)
+    .outerjoin(WorkspaceQuota, WorkspaceQuota.workspace_id == Workspace.id)
+    .where(Workspace.id == _WORKSPACE)
+)
+_LOCK = select(Workspace.id).where(Workspace.id == _WORKSPACE).with_for_update()
 
 
 def lock_workspace(session: Session, *, workspace_id: str) -> None:
     """Serialise quota checks of one workspace until the transaction ends (the workspace row
     must exist: `api.deps.ensure_workspace`)."""
-    session.execute(select(Workspace.id).where(Workspace.id == workspace_id).with_for_update())
+    session.execute(_LOCK, {"workspace_id": workspace_id})
 
 
 def check_document(session: Session, *, workspace_id: str, quota: Quota, size_bytes: int,
-                   retry_after_s: int = 30) -> None:
-    """Raise QuotaExceeded unless one more document of `size_bytes`, and its job, fit."""
-    used = usage(session, workspace_id=workspace_id)
+                   retry_after_s: int = 30, used: Usage | None = None) -> None:
+    """Raise QuotaExceeded unless one more document of `size_bytes`, and its job, fit
+    (`used`: the usage read in this transaction already, by `measure`)."""
+    used = used or usage(session, workspace_id=workspace_id)
     if quota.documents is not None and used.documents + 1 > quota.documents:
         raise QuotaExceeded(status=429, code="document_quota_exceeded",
                             message=f"the workspace holds {used.documents} documents, its "

@@ -53,7 +53,8 @@ async def ask(
     cap = get_settings().workspace_answer_inflight_cap
     if room.admits(cap):
         log.info("question queued as job %s", job_id)
-        await run_in_threadpool(publish_job, job_id, Stage.ANSWER)
+        # (marked published with its creation)
+        await run_in_threadpool(publish_job, job_id, Stage.ANSWER, mark=False)
     else:
         log.info("question queued as job %s, held: the workspace has %d questions in flight "
                  "(cap %s)", job_id, room.in_flight, cap)
@@ -97,10 +98,11 @@ def _create_answer_job(workspace: str, body: AnswerRequest) -> tuple[str, fairne
         quotas.check_job(session, workspace_id=workspace, quota=quota,
                          retry_after_s=settings.quota_retry_after_s)
         room = fairness.admit(session, workspace_id=workspace, lane=fairness.ANSWER)
+        admitted = room.admits(settings.workspace_answer_inflight_cap)
         job = ledger.create_job(session, workspace_id=workspace, kind=JobKind.ANSWER,
                                 stage=Stage.ANSWER,
                                 payload={"question": body.question, "top_k": body.top_k},
-                                held=not room.admits(settings.workspace_answer_inflight_cap))
+                                held=not admitted, published=admitted)
         return job.id, room
 
 

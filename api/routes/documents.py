@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 
 from api.deps import (
     SessionDep,
@@ -21,6 +21,7 @@ from api.schemas import DocumentList, DocumentOut, ErrorBody, ErrorInfo, UploadA
 from api.state import blob_store, dispatch_held, publish_job
 from api.uploads import FILE_FIELD, FORM_FIELDS_MAX_BYTES, MultipartUpload, clean_filename
 from models import Document, Job, JobKind, Stage, fairness, ledger, quotas
+from models.entities import new_id
 from sluice.blobs import BlobTooLarge, StoredBlob
 from sluice.db import read_scope, session_scope
 from sluice.logs import bind_context
@@ -90,8 +91,8 @@ async def upload_document(
 
 async def _publish_or_hold(workspace: str, job_id: str, room: fairness.Room | None) -> None:
     cap = get_settings().workspace_inflight_cap
-    if room is None or room.admits(cap):
-        await run_in_threadpool(publish_job, job_id, Stage.PARSE)
+    if room is None or room.admits(cap):  # marked published with its creation
+        await run_in_threadpool(publish_job, job_id, Stage.PARSE, mark=False)
         return
     log.info("job %s held: the workspace has %d documents in flight (cap %s)", job_id,
              room.in_flight, cap)
@@ -105,13 +106,13 @@ def _room_for_upload(workspace: str) -> int | None:
     refused upload is not even read."""
     settings = get_settings()
     with read_scope() as session:
-        quota = quotas.effective_quota(session, workspace_id=workspace,
-                                       defaults=default_quota(settings))
+        quota, used = quotas.measure(session, workspace_id=workspace,
+                                     defaults=default_quota(settings))
         quotas.check_document(session, workspace_id=workspace, quota=quota, size_bytes=0,
-                              retry_after_s=settings.quota_retry_after_s)
+                              retry_after_s=settings.quota_retry_after_s, used=used)
         if quota.stored_bytes is None:
             return None
-        return quota.stored_bytes - quotas.usage(session, workspace_id=workspace).stored_bytes
+        return quota.stored_bytes - used.stored_bytes
 
 
 def _storage_quota(room: int) -> ApiError:
@@ -128,34 +129,48 @@ def _record_upload(
     goes with the orphan purge. Returns the lane's room the job was admitted by (None for a
     duplicate): it was created held unless the room admitted it."""
     settings = get_settings()
+    defaults = default_quota(settings)
     with session_scope() as session:
-        ensure_workspace(session, workspace)
-        quotas.lock_workspace(session, workspace_id=workspace)
+        # The workspace's lock, its quota and usage in one round trip (held from here to
+        # commit, so each statement below delays every other upload to the workspace).
+        try:
+            quota, used = quotas.measure(session, workspace_id=workspace, defaults=defaults,
+                                         lock=True)
+        except LookupError:  # its first upload
+            ensure_workspace(session, workspace)
+            quota, used = quotas.measure(session, workspace_id=workspace, defaults=defaults,
+                                         lock=True)
         if not force:
             existing = session.execute(
-                select(Document.id, Job.id)
-                .join(Job, Job.document_id == Document.id)
-                .where(Document.workspace_id == workspace, Document.sha256 == blob.sha256,
-                       Job.kind == JobKind.INGEST)
-                .order_by(Job.created_at.desc())
-                .limit(1)
-            ).first()
+                _SAME_BYTES, {"workspace_id": workspace, "sha256": blob.sha256}).first()
             if existing is not None:
                 return UploadAccepted(document_id=existing[0], job_id=existing[1],
                                       duplicate=True), None
-        quota = quotas.effective_quota(session, workspace_id=workspace,
-                                       defaults=default_quota(settings))
         quotas.check_document(session, workspace_id=workspace, quota=quota,
-                              size_bytes=blob.size, retry_after_s=settings.quota_retry_after_s)
-        doc = Document(workspace_id=workspace, filename=filename, content_type=content_type,
-                       sha256=blob.sha256, size_bytes=blob.size)
+                              size_bytes=blob.size, retry_after_s=settings.quota_retry_after_s,
+                              used=used)
+        doc = Document(id=new_id(), workspace_id=workspace, filename=filename,
+                       content_type=content_type, sha256=blob.sha256, size_bytes=blob.size)
         session.add(doc)
-        session.flush()
-        room = fairness.admit(session, workspace_id=workspace, lane=fairness.INGEST)
+        # (the workspace is locked already: `fairness.admit` would only lock it again)
+        room = fairness.room(session, workspace_id=workspace, lane=fairness.INGEST)
+        admitted = room.admits(settings.workspace_inflight_cap)
         job = ledger.create_job(session, workspace_id=workspace, kind=JobKind.INGEST,
-                                stage=Stage.PARSE, document_id=doc.id,
-                                held=not room.admits(settings.workspace_inflight_cap))
+                                stage=Stage.PARSE, document_id=doc.id, held=not admitted,
+                                published=admitted)
         return UploadAccepted(document_id=doc.id, job_id=job.id), room
+
+
+# The document already holding these bytes and its latest ingest job. Built once, as the
+# other statements of an upload (models.quotas), since it runs under the workspace's lock.
+_SAME_BYTES = (
+    select(Document.id, Job.id)
+    .join(Job, Job.document_id == Document.id)
+    .where(Document.workspace_id == bindparam("workspace_id"),
+           Document.sha256 == bindparam("sha256"), Job.kind == JobKind.INGEST)
+    .order_by(Job.created_at.desc())
+    .limit(1)
+)
 
 
 @router.get("", response_model=DocumentList)

@@ -411,9 +411,12 @@ def test_answers_per_minute_is_a_moving_window_per_workspace(
     assert client.post("/v1/answers", headers=a, json={"question": "now?"}).status_code == 202
 
 
-def test_quota_checks_are_serialised_per_workspace(any_db: dict[str, str]) -> None:
+@pytest.mark.parametrize("locked_by", ["lock_workspace", "measure"])
+def test_quota_checks_are_serialised_per_workspace(any_db: dict[str, str], locked_by: str
+                                                   ) -> None:
     """Two transactions that each check the document quota (1) and then add a document: the
-    second waits on the workspace lock until the first commits, then sees its document."""
+    second waits on the workspace lock until the first commits, then sees its document.
+    `measure(lock=True)` (the upload's one statement) locks as `lock_workspace` does."""
     import threading
     import time
 
@@ -429,8 +432,14 @@ def test_quota_checks_are_serialised_per_workspace(any_db: dict[str, str]) -> No
     def add(name: str, hold_s: float) -> None:
         try:
             with session_scope() as session:
-                quotas.lock_workspace(session, workspace_id="ws-c")
-                quotas.check_document(session, workspace_id="ws-c", quota=quota, size_bytes=1)
+                used = None
+                if locked_by == "measure":
+                    _, used = quotas.measure(session, workspace_id="ws-c", defaults=quota,
+                                             lock=True)
+                else:
+                    quotas.lock_workspace(session, workspace_id="ws-c")
+                quotas.check_document(session, workspace_id="ws-c", quota=quota, size_bytes=1,
+                                      used=used)
                 first_checked.set()
                 time.sleep(hold_s)  # the window a concurrent check would slip through
                 session.add(Document(workspace_id="ws-c", filename=name, sha256="0" * 64,
@@ -446,6 +455,37 @@ def test_quota_checks_are_serialised_per_workspace(any_db: dict[str, str]) -> No
     first.join()
     assert outcomes == {"first": "added", "second": "document_quota_exceeded"}
     assert _counts("ws-c") == (1, 0)
+
+
+def test_measure_reads_the_effective_quota_and_the_usage(any_db: dict[str, str]) -> None:
+    from api.deps import ensure_workspace
+    from models import JobKind, JobState, Stage, ledger, quotas
+
+    defaults = quotas.Quota(documents=10, stored_bytes=1000, queued_jobs=3)
+    with session_scope() as session:  # no workspace row yet: the defaults, nothing used
+        assert quotas.measure(session, workspace_id="ws-m", defaults=defaults) == (
+            defaults, quotas.Usage(documents=0, stored_bytes=0, queued_jobs=0))
+        with pytest.raises(LookupError):
+            quotas.measure(session, workspace_id="ws-m", defaults=defaults, lock=True)
+    with session_scope() as session:
+        ensure_workspace(session, "ws-m")
+        ensure_workspace(session, "ws-other")
+        quotas.set_overrides(session, workspace_id="ws-m", values={"documents": 5})
+        jobs = []
+        for workspace, size in (("ws-m", 3), ("ws-m", 4), ("ws-other", 100)):
+            doc = Document(workspace_id=workspace, filename="f", sha256="0" * 64,
+                           size_bytes=size)
+            session.add(doc)
+            session.flush()
+            jobs.append(ledger.create_job(session, workspace_id=workspace, kind=JobKind.INGEST,
+                                          stage=Stage.PARSE, document_id=doc.id))
+        jobs[0].state = JobState.SUCCEEDED  # finished: no longer counts as unfinished
+    with session_scope() as session:
+        quota, used = quotas.measure(session, workspace_id="ws-m", defaults=defaults,
+                                     lock=True)
+        assert quota == quotas.Quota(documents=5, stored_bytes=1000, queued_jobs=3)
+        assert used == quotas.Usage(documents=2, stored_bytes=7, queued_jobs=1)
+        assert quotas.usage(session, workspace_id="ws-m") == used
 
 
 def test_cli_sets_and_shows_quotas(auth_env: dict[str, str]) -> None:
