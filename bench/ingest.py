@@ -94,9 +94,12 @@ def end_to_end(files: list[Path], warm_up: list[Path], env: dict[str, str], work
             log(f"warming the workers with {len(warm_up)} other documents")
             _ingest(client, warm_up)
             load_before = machine()["loadavg"]
+            cpu_before = _cpu_by_process(stacks)
             started = time.perf_counter()
             job_ids = _ingest(client, files)
             wall_s = time.perf_counter() - started
+            cpu_s = {name: round(seconds - cpu_before.get(name, 0.0), 2)
+                     for name, seconds in _cpu_by_process(stacks).items()}
         with read_scope() as session:
             states = dict(session.execute(
                 select(Job.state, func.count()).where(Job.id.in_(job_ids))
@@ -111,7 +114,33 @@ def end_to_end(files: list[Path], warm_up: list[Path], env: dict[str, str], work
     return {"files": len(files), "succeeded": states.get("succeeded", 0), "states": states,
             "chunks": chunks, "wall_s": wall_s,
             "chunks_per_s": chunks / wall_s, "docs_per_s": len(files) / wall_s,
-            "loadavg_during": [load_before, machine()["loadavg"]], "_texts": texts}
+            "loadavg_during": [load_before, machine()["loadavg"]],
+            "cpu_s": cpu_s, "cpu_s_total": round(sum(cpu_s.values()), 2), "_texts": texts}
+
+
+def _cpu_by_process(stacks: list[Stack]) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each started process and its descendants,
+    by name (api, worker-parse, ...): the live ones, plus what exited children left to their
+    parents (a recycled pool process, a sandboxed parse child)."""
+    import psutil
+
+    used: dict[str, float] = {}
+    for stack in stacks:
+        for name, proc in stack.procs.items():
+            try:
+                root = psutil.Process(proc.pid)
+                tree = [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                continue
+            total = 0.0
+            for p in tree:
+                try:
+                    t = p.cpu_times()
+                except psutil.NoSuchProcess:
+                    continue
+                total += t.user + t.system + t.children_user + t.children_system
+            used[name] = total
+    return used
 
 
 def raw_encode(texts: list[str]) -> dict[str, Any]:
@@ -130,11 +159,11 @@ def raw_encode(texts: list[str]) -> dict[str, Any]:
         model.encode(sample, batch_size=size, normalize_embeddings=True)
         per_batch[size] = len(sample) / (time.perf_counter() - started)
     best = max(per_batch, key=lambda size: per_batch[size])
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     model.encode(texts, batch_size=best, normalize_embeddings=True)
     seconds = time.perf_counter() - started
     return {"batch_size": best, "sample_chunks_per_s_by_batch": per_batch, "s": seconds,
-            "chunks_per_s": len(texts) / seconds}
+            "cpu_s": time.process_time() - cpu, "chunks_per_s": len(texts) / seconds}
 
 
 def onnx_encode(texts: list[str], graph_dir: Path) -> dict[str, Any]:
@@ -142,21 +171,22 @@ def onnx_encode(texts: list[str], graph_dir: Path) -> dict[str, Any]:
 
     embedder = Embedder.default(backend="onnx", graph_dir=graph_dir)
     embedder.encode(texts[:32])  # export/load and warm up
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     embedder.encode(texts)
     seconds = time.perf_counter() - started
-    return {"s": seconds, "chunks_per_s": len(texts) / seconds}
+    return {"s": seconds, "cpu_s": time.process_time() - cpu,
+            "chunks_per_s": len(texts) / seconds}
 
 
 def partition(files: list[Path], tagger: Path) -> dict[str, Any]:
     from pipelines.parsing import parse_document, warm_up
 
     warm_up(tagger)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for path in files:
         parse_document(path, filename=path.name, tagger_path=tagger)
     seconds = time.perf_counter() - started
-    return {"s": seconds, "docs_per_s": len(files) / seconds}
+    return {"s": seconds, "cpu_s": time.process_time() - cpu, "docs_per_s": len(files) / seconds}
 
 
 def run(name: str, files: list[Path], warm_up: list[Path], env: dict[str, str], work: Path,
@@ -226,6 +256,13 @@ def main() -> int:
     print(table(["corpus", "files", "ok", "chunks", "e2e s", "docs/s", "chunks/s",
                  "ST encode/s", "onnx/s", "partition docs/s", "vs encode",
                  "vs encode+partition"], rows))
+    for name, r in results.items():
+        e2e = r["end_to_end"]
+        shares = ", ".join(f"{proc} {seconds:.1f}" for proc, seconds in e2e["cpu_s"].items())
+        print(f"{name}: CPU seconds during the end-to-end run ({e2e['wall_s']:.1f} s wall, "
+              f"{machine()['cpus']} CPUs): {shares}; total {e2e['cpu_s_total']:.1f}; "
+              f"raw encode alone {r['encode']['cpu_s']:.1f}, onnx alone "
+              f"{r['onnx_encode']['cpu_s']:.1f}, partition alone {r['partition']['cpu_s']:.1f}")
     if "small" in results:
         print(f"target: small corpus end-to-end >= 0.85 of raw encode: "
               f"{results['small']['vs_encode']:.2f}")
