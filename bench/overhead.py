@@ -5,8 +5,8 @@ no-op tasks on the same broker, the same Celery configuration and the same worke
                                        [--jobs 2000] [--latency-jobs 300] [--rate 20]
 
 A Sluice no-op job is what a real job is, minus the work: the producer (this process) creates
-its `Job` row through the ledger (`ledger.create_job`, with its first event) and commits, then
-`tasks.publish.publish` sends it and marks it published; the worker runs it through
+its `Job` row through the ledger (`ledger.create_job`, with its first event, marked published)
+and commits, then `tasks.publish.publish` sends it, as the API does; the worker runs it through
 `tasks.runner.run_stage` (claim by compare-and-set, attempt row, event, heartbeat thread) with a
 work function that only records success through the ledger (`ctx.finish` → `ledger.succeed`).
 To run that unchanged code, this module registers a stage `noop` in `tasks.names`' tables
@@ -222,7 +222,8 @@ def run_setup(setup: str, *, env: dict[str, str], work: Path, args: Any,
                 t0 = time.time()
                 with session_scope() as session:
                     job_id = ledger.create_job(session, workspace_id=WORKSPACE, kind=JobKind.ANSWER,
-                                               stage=NOOP_STAGE).id  # type: ignore[arg-type]
+                                               stage=NOOP_STAGE,  # type: ignore[arg-type]
+                                               published=True).id
                 _publish(job_id)
                 sent.append((job_id, t0))
                 _pace(rate, len(sent), sent[0][1])
@@ -282,9 +283,13 @@ def run_setup(setup: str, *, env: dict[str, str], work: Path, args: Any,
 
 
 def _publish(job_id: str) -> None:
+    """As the API publishes a job it has just created: marked published with its creation,
+    its request id (none here) in the log context."""
+    from sluice.logs import bind_context
     from tasks.publish import publish
 
-    if not publish(job_id, NOOP_STAGE):
+    bind_context(job_id=job_id)
+    if not publish(job_id, NOOP_STAGE, mark=False):
         raise RuntimeError(f"publish of {job_id} failed")
 
 

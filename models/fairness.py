@@ -89,13 +89,15 @@ def _room_statement(kinds: tuple[str, ...]) -> Select[tuple[int, bool]]:
 # Built once (every upload runs it under its workspace's lock; building a statement and its
 # cache key costs more CPU than running it).
 _ROOM: Final = {lane: _room_statement(kinds) for lane, kinds in LANES.items()}
+# (and after every job that ends)
+_HAS_HELD: Final = {lane: select(exists().where(
+    Job.workspace_id == bindparam("workspace_id"), Job.state == JobState.QUEUED,
+    Job.held == true(), Job.kind.in_(kinds))) for lane, kinds in LANES.items()}
 
 
 def has_held(session: Session, *, workspace_id: str, lane: str) -> bool:
     """Whether any job of the lane waits: the cheap test before a dispatch's write."""
-    return bool(session.scalar(select(exists().where(
-        Job.workspace_id == workspace_id, Job.state == JobState.QUEUED, Job.held == true(),
-        Job.kind.in_(LANES[lane])))))
+    return bool(session.scalar(_HAS_HELD[lane], {"workspace_id": workspace_id}))
 
 
 def admit(session: Session, *, workspace_id: str, lane: str) -> Room:

@@ -30,11 +30,11 @@ it until `dispatch_held` takes it out of hold, when one of its workspace's jobs 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, insert, or_, select, update
+from sqlalchemy import bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from models import documents
@@ -66,6 +66,13 @@ class Claim:
     job_id: str
     stage: str
     attempt: int
+    parent_id: str | None = field(default=None, compare=False)
+    parent_known: bool = field(default=False, compare=False)
+    """`parent_id` was read with the claim (None: not a part), so the claim's transitions
+    need not read it again; a claim made elsewhere leaves it unknown."""
+    job: Job | None = field(default=None, compare=False, repr=False)
+    """The job's row as `start` claimed it (its state as before the claim if it took over),
+    for the worker to read the job's own fields without another query."""
 
 
 def create_job(
@@ -180,7 +187,33 @@ def start(
     """Claim the next attempt of `stage`, or None when this delivery must not run.
 
     A job is startable when queued or retrying at this stage, or running at this stage with a
-    heartbeat older than `stale_before` (its worker died; this delivery takes over)."""
+    heartbeat older than `stale_before` (its worker died; this delivery takes over).
+
+    The common case, a queued or retrying job, is claimed by one compare-and-set that returns
+    the row (into the session: `session.get(Job, job_id)` reads it without a query); anything
+    else reads the row locked first."""
+    now = utcnow()
+    job = session.scalars(
+        update(Job)
+        .where(Job.id == job_id, Job.stage == stage, Job.state.in_(STARTABLE),
+               Job.cancel_requested.is_(False), Job.held.is_(False))
+        .values(state=JobState.RUNNING, attempt=Job.attempt + 1,
+                attempts_total=Job.attempts_total + 1, worker=worker,
+                started_at=func.coalesce(Job.started_at, now), heartbeat_at=now,
+                retry_at=None, updated_at=now)
+        .returning(Job)
+        .execution_options(populate_existing=True)
+    ).first()
+    if job is not None:
+        _append_event(session, job_id)
+        return _begin_attempt(session, job, stage=stage, worker=worker, now=now)
+    return _start_locked(session, job_id=job_id, stage=stage, worker=worker,
+                         stale_before=stale_before)
+
+
+def _start_locked(
+    session: Session, *, job_id: str, stage: str, worker: str, stale_before: datetime
+) -> Claim | None:
     job = session.get(Job, job_id, with_for_update=True)
     if job is None or job.stage != stage or job.cancel_requested or job.held:
         return None  # (a stray message for a held job: it runs once dispatched, in its turn)
@@ -210,11 +243,18 @@ def start(
     )
     if not claimed:
         return None
+    return _begin_attempt(session, job, stage=stage, worker=worker, now=now, attempt=attempt)
+
+
+def _begin_attempt(session: Session, job: Job, *, stage: str, worker: str, now: datetime,
+                   attempt: int | None = None) -> Claim:
+    attempt = job.attempt if attempt is None else attempt
     session.add(
-        JobAttempt(job_id=job_id, workspace_id=job.workspace_id, stage=stage,
+        JobAttempt(job_id=job.id, workspace_id=job.workspace_id, stage=stage,
                    attempt=attempt, worker=worker, started_at=now)
     )
-    return Claim(job_id=job_id, stage=stage, attempt=attempt)
+    return Claim(job_id=job.id, stage=stage, attempt=attempt, parent_id=job.parent_id,
+                 parent_known=True, job=job)
 
 
 def _held(claim: Claim) -> list[Any]:
@@ -245,7 +285,7 @@ def advance(session: Session, claim: Claim, *, next_stage: Stage) -> bool:
 
 
 def succeed(session: Session, claim: Claim, *, result: dict[str, Any] | None = None) -> bool:
-    parent = _lock_parent(session, claim.job_id)
+    parent = _lock_claim_parent(session, claim)
     if parent is not None:
         return _succeed_part(session, claim, parent, result) is not None
     ok = _cas(
@@ -264,7 +304,7 @@ def fail(
     session: Session, claim: Claim, *, code: str, message: str, traceback: str | None = None
 ) -> bool:
     """A permanent failure: never retried."""
-    parent = _lock_parent(session, claim.job_id)
+    parent = _lock_claim_parent(session, claim)
     ok = _cas(
         session,
         claim.job_id,
@@ -294,7 +334,7 @@ def retry_or_bury(
     A job that was asked to cancel during the attempt ends `cancelled` instead: it would never
     start again, only be republished forever. Returns the new state, or None when the claim
     was no longer held."""
-    parent = _lock_parent(session, claim.job_id)
+    parent = _lock_claim_parent(session, claim)
     job = session.get(Job, claim.job_id, with_for_update=True, populate_existing=True)
     exhausted = claim.attempt > max_retries
     state = JobState.DEAD if exhausted else JobState.RETRYING
@@ -356,7 +396,7 @@ def cancel(session: Session, *, job_id: str) -> JobState | None:
 
 def acknowledge_cancel(session: Session, claim: Claim) -> bool:
     """A running job stopped at a checkpoint after a cancel request."""
-    parent = _lock_parent(session, claim.job_id)
+    parent = _lock_claim_parent(session, claim)
     ok = _cas(
         session,
         claim.job_id,
@@ -444,7 +484,7 @@ def succeed_part(
     was the last part (`released`). None when the claim is no longer held, a cancel was
     requested, or the parent no longer waits (it was cancelled, and so was this part):
     whatever the caller wrote with it must roll back."""
-    parent = _lock_parent(session, claim.job_id)
+    parent = _lock_claim_parent(session, claim)
     if parent is None:
         raise ValueError(f"job {claim.job_id} is not a part")
     return _succeed_part(session, claim, parent, result)
@@ -473,6 +513,16 @@ def _succeed_part(
         return None
     _end_attempt(session, claim, outcome="succeeded")
     return _count(session, parent, done=1)
+
+
+def _lock_claim_parent(session: Session, claim: Claim) -> Job | None:
+    """`_lock_parent` for the job of `claim`, without reading its parent id again when the
+    claim knows it."""
+    if not claim.parent_known:
+        return _lock_parent(session, claim.job_id)
+    if claim.parent_id is None:
+        return None
+    return session.get(Job, claim.parent_id, with_for_update=True, populate_existing=True)
 
 
 def _lock_parent(session: Session, job_id: str) -> Job | None:
@@ -597,18 +647,22 @@ def _end_attempt(
     message: str | None = None,
     traceback: str | None = None,
 ) -> None:
-    session.execute(
-        update(JobAttempt)
-        .where(
-            JobAttempt.job_id == claim.job_id,
-            JobAttempt.stage == claim.stage,
-            JobAttempt.attempt == claim.attempt,
-            JobAttempt.ended_at.is_(None),
-        )
-        .values(ended_at=utcnow(), outcome=outcome, error_code=code, error_message=message,
-                traceback=traceback)
-        .execution_options(synchronize_session=False)
-    )
+    session.execute(_END_ATTEMPT, {
+        "of_job": claim.job_id, "of_stage": claim.stage, "of_attempt": claim.attempt,
+        "ended": utcnow(), "outcome": outcome, "code": code, "message": message,
+        "traceback": traceback})
+
+
+_attempts = JobAttempt.__table__  # Core: with a parameter dict, an ORM update is a bulk one
+# Built once, as _APPEND_EVENT.
+_END_ATTEMPT = (
+    update(_attempts)
+    .where(_attempts.c.job_id == bindparam("of_job"), _attempts.c.stage == bindparam("of_stage"),
+           _attempts.c.attempt == bindparam("of_attempt"), _attempts.c.ended_at.is_(None))
+    .values(ended_at=bindparam("ended", type_=_attempts.c.ended_at.type),
+            outcome=bindparam("outcome"), error_code=bindparam("code"),
+            error_message=bindparam("message"), traceback=bindparam("traceback"))
+)
 
 
 def _close_attempt(session: Session, job: Job, *, outcome: str, code: str, message: str) -> None:

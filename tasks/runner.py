@@ -8,6 +8,7 @@ with backoff up to the queue's limit and then dead-lettered with every attempt k
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
@@ -27,7 +28,7 @@ from models.entities import utcnow
 from pipelines.errors import PermanentError, PipelineError
 from sluice import metrics
 from sluice.db import session_scope
-from sluice.logs import bind_context, current_context, current_request_id
+from sluice.logs import bind_context, current_context, current_request_id, reset_context
 from sluice.settings import get_settings
 from tasks.names import QUEUE_OF_TASK, TASK_OF_STAGE
 from tasks.publish import dispatch, publish
@@ -85,35 +86,43 @@ class StageContext:
         return Handoff(stage=then)
 
 
-class _Heartbeat(threading.Thread):
-    """Refreshes the job's heartbeat from its own thread, independent of the work, so a busy
-    job is never mistaken for a dead one."""
+class _Heartbeat:
+    """The heartbeat of one running job, refreshed by its process's `_HeartbeatThread`
+    independently of the work, so a busy job is never mistaken for a dead one."""
 
     def __init__(self, claim: ledger.Claim, interval_s: float) -> None:
-        super().__init__(name=f"heartbeat-{claim.job_id[:8]}", daemon=True)
         self.claim = claim
         self.interval_s = interval_s
         self.progress: float | None = None
+        self.reported: float | None = None
+        self.due = time.monotonic() + interval_s
         self.stop_event = threading.Event()
         self.lost = threading.Event()
-        self.log_context = dict(current_context())  # a new thread starts with an empty one
+        self.log_context = dict(current_context())  # another thread has an empty one
 
-    def run(self) -> None:
-        bind_context(**self.log_context)
-        reported: float | None = None
-        while not self.stop_event.wait(self.interval_s):
-            progress = self.progress if self.progress != reported else None
-            try:
-                with session_scope() as session:
-                    held = ledger.heartbeat(session, self.claim, progress=progress)
-            except DBAPIError as exc:  # the database is away; keep trying, the work goes on
-                log.warning("heartbeat for job %s failed: %s", self.claim.job_id, exc)
-                continue
-            if not held:
-                self.lost.set()
-                return
-            if progress is not None:
-                reported = progress
+    def start(self) -> None:
+        _HeartbeatThread.of_this_process().add(self)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        _HeartbeatThread.of_this_process().remove(self)
+
+    def beat(self) -> None:
+        """Refresh the heartbeat (with new progress, if any); `lost` when the claim is gone."""
+        progress = self.progress if self.progress != self.reported else None
+        token = bind_context(**self.log_context)
+        try:
+            with session_scope() as session:
+                held = ledger.heartbeat(session, self.claim, progress=progress)
+        except DBAPIError as exc:  # the database is away; keep trying, the work goes on
+            log.warning("heartbeat for job %s failed: %s", self.claim.job_id, exc)
+            return
+        finally:
+            reset_context(token)
+        if not held:
+            self.lost.set()
+        elif progress is not None:
+            self.reported = progress
 
     def raise_why(self) -> None:
         with session_scope() as session:
@@ -121,6 +130,59 @@ class _Heartbeat(threading.Thread):
             if job is not None and job.cancel_requested:
                 raise JobCancelled(self.claim.job_id)
         raise ClaimLost(self.claim.job_id)
+
+
+class _HeartbeatThread(threading.Thread):
+    """One thread per worker process beats for every job running in it, each every
+    `interval_s` from its start (a thread started per job cost a few ms of each job's time:
+    `Thread.start` waits until the new thread runs). Created on first use in the process, so
+    a forked pool child gets its own, never its parent's."""
+
+    _current: _HeartbeatThread | None = None
+    _create_lock = threading.Lock()
+
+    def __init__(self) -> None:
+        super().__init__(name="heartbeats", daemon=True)
+        self.pid = os.getpid()
+        self.beats: set[_Heartbeat] = set()
+        self.changed = threading.Condition()
+
+    @classmethod
+    def of_this_process(cls) -> _HeartbeatThread:
+        current = cls._current
+        if current is None or current.pid != os.getpid():
+            with cls._create_lock:
+                current = cls._current
+                if current is None or current.pid != os.getpid():
+                    current = cls._current = cls()
+                    current.start()
+        return current
+
+    def add(self, beat: _Heartbeat) -> None:
+        with self.changed:
+            self.beats.add(beat)
+            self.changed.notify()
+
+    def remove(self, beat: _Heartbeat) -> None:
+        with self.changed:
+            self.beats.discard(beat)
+
+    def run(self) -> None:
+        while True:
+            with self.changed:
+                now = time.monotonic()
+                due = [b for b in self.beats if b.due <= now]
+                if not due:
+                    nearest = min((b.due for b in self.beats), default=now + 3600)
+                    self.changed.wait(nearest - now)
+                    continue
+            for beat in due:
+                if beat.stop_event.is_set():
+                    continue
+                beat.beat()
+                beat.due = time.monotonic() + beat.interval_s
+                if beat.lost.is_set():
+                    self.remove(beat)
 
 
 def classify(exc: BaseException) -> tuple[bool, str]:
@@ -220,7 +282,7 @@ def run_stage(
     with session_scope() as session:
         claim = ledger.start(session, job_id=job_id, stage=stage, worker=worker,
                              stale_before=stale_before)
-        job = session.get(Job, job_id) if claim else None
+        job = (claim.job or session.get(Job, job_id)) if claim else None
         snapshot = (job.workspace_id, job.document_id, dict(job.payload), job.kind) if job else None
         if job is not None:  # the header's request id, or the row's for an older message
             bind_context(document_id=job.document_id, workspace_id=job.workspace_id,
@@ -264,7 +326,7 @@ def run_stage(
                              traceback="".join(traceback.format_exception(exc)))
         return str(state)
     finally:
-        heartbeat.stop_event.set()
+        heartbeat.stop()
         metrics.stage_finished(stage=stage, queue=queue, seconds=time.monotonic() - began)
     if handoff.stage is not None:
         publish(job_id, handoff.stage)  # the same job at its next stage: it keeps its slot
