@@ -44,7 +44,11 @@ class Settings(BaseSettings):
     database_url: str | None = Field(default=None, description="Default: SQLite in data_dir.")
     broker_url: str | None = Field(default=None, description="Default: filesystem in data_dir.")
     blob_dir: Path | None = Field(default=None, description="Default: data_dir/blobs.")
-    broker_polling_interval_s: float = 0.1
+    broker_polling_interval_s: float = Field(
+        default=0.02, gt=0, description="How often a worker looks for new messages on the "
+        "embedded (filesystem) broker, so the most a job waits there to start. An idle worker "
+        "here: ~1% of a core at 0.02 s, ~0.3% at 0.1 s (bench/README.md, overhead.py)."
+    )
     broker_key_prefix: str = Field(
         default="", description="Prefix for every Redis broker key (several deployments, or "
         "test runs, sharing one Redis)."
