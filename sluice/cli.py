@@ -66,7 +66,7 @@ def up(host: str, port: int, data_dir: Path | None) -> None:
     dispose_engine()
     children = [processes.Child("api", processes.api_command(host, port), processes.API_ENV)]
     children += [
-        processes.Child(f"worker-{q}", processes.worker_command(q))
+        processes.Child(f"worker-{q}", processes.worker_command(q), processes.queue_env(q))
         for q in ("parse", "embed", "answer", "maintenance")
     ]
     children.append(processes.Child(
@@ -89,7 +89,7 @@ def worker(ctx: click.Context, queue: str, metrics_port: int | None) -> None:
     from sluice import processes
 
     argv = processes.worker_command(queue, extra=ctx.args)
-    os.environ.update(processes.worker_env(metrics_port=metrics_port))
+    os.environ.update(processes.worker_env(queue, metrics_port=metrics_port))
     os.execv(argv[0], argv)
 
 

@@ -25,7 +25,7 @@ log = logging.getLogger("sluice.up")
 # queue -> celery worker arguments (pool and concurrency defaults for one machine)
 WORKER_ARGS: dict[str, list[str]] = {
     "parse": ["--pool", "prefork", "--concurrency", "1", "--max-tasks-per-child", "50"],
-    "embed": ["--pool", "prefork", "--concurrency", "1", "--max-tasks-per-child", "1000"],
+    "embed": ["--pool", "prefork", "--concurrency", "2", "--max-tasks-per-child", "1000"],
     "answer": ["--pool", "threads", "--concurrency", "4"],
     "maintenance": ["--pool", "solo"],
 }
@@ -137,6 +137,20 @@ WORKER_ENV = {"REMAP_SIGTERM": "SIGQUIT", "DO_NOT_TRACK": "1", "UNSTRUCTURED_DIS
 # The API's numpy query encoder runs one small matrix product per query: more BLAS threads only
 # thrash on a busy machine (measured: 26 ms single-threaded vs 0.3-1.5 s with two under load).
 API_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+# Each embed pool process runs the model on one thread: on 400 small documents end to end
+# (2 cores), two single-threaded processes made 30.2 chunks/s where one with two threads made
+# 24.5 (bench/ingest.py), as one text a call leaves a second thread little to share.
+# SLUICE_EMBEDDING_THREADS set by the operator wins.
+QUEUE_ENV: dict[str, dict[str, str]] = {"embed": {"SLUICE_EMBEDDING_THREADS": "1"}}
+
+
+def queue_env(queue: str) -> dict[str, str]:
+    """The environment a worker for `queue` (or several, comma-separated) adds, less what the
+    operator has set already."""
+    env: dict[str, str] = {}
+    for name in queue.split(","):
+        env.update(QUEUE_ENV.get(name, {}))
+    return {key: value for key, value in env.items() if key not in os.environ}
 
 
 def child_env(overrides: dict[str, str]) -> dict[str, str]:
@@ -152,11 +166,11 @@ def child_env(overrides: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def worker_env(*, metrics_port: int | None = None) -> dict[str, str]:
+def worker_env(queue: str, *, metrics_port: int | None = None) -> dict[str, str]:
     """What `sluice worker` adds to its environment before it becomes the Celery worker: the
     machine's shared metrics directory, or with `metrics_port` a private one that the worker
     serves itself on that port (its main process keeps this process's pid)."""
-    env = dict(WORKER_ENV)
+    env = {**WORKER_ENV, **queue_env(queue)}
     shared = metrics.metrics_dir(get_settings())
     if metrics_port is None:
         shared.mkdir(parents=True, exist_ok=True)
