@@ -8,8 +8,9 @@ Two corpora: many small documents (SciFact abstracts of 40 words or more, each w
 .txt file by the fault harness's `make_corpus`: title, blank line, abstract) and a few large
 ones (the 10-Q PDFs of ../shared/data/qa/docugami-sec-10-q).
 Each goes end to end through the real API (uvicorn), the broker and real worker processes on the
-embedded default (SQLite + filesystem broker; the pools of `sluice up`: parse prefork 2, embed
-prefork 1, answer+maintenance 1) — from the first upload to the last job `succeeded`.
+embedded default (SQLite + filesystem broker; parse prefork 2, embed prefork 2 with one model
+thread each as in `sluice up`, answer+maintenance 1) — from the first upload to the last job
+`succeeded`.
 
 The limit, measured afterwards in this process with the workers stopped (so nothing competes):
 
@@ -218,21 +219,22 @@ def main() -> int:
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="a setting for every process, e.g. SLUICE_EMBEDDING_BACKEND=torch")
     parser.add_argument("--keep", action="store_true", help="keep the data dirs and logs")
-    parser.add_argument("--embed-concurrency", type=int, metavar="N",
-                        help="embed pool processes (default: the corpus harness's, 1)")
+    parser.add_argument("--embed-concurrency", type=int, metavar="N", default=2,
+                        help="embed pool processes, one model thread each unless --env sets "
+                        "SLUICE_EMBEDDING_THREADS (default 2, as `sluice up`)")
     args = parser.parse_args()
-    if args.embed_concurrency is not None:
-        harness.WORKERS = tuple(
-            (name, queues, args.embed_concurrency if name == "embed" else concurrency)
-            for name, queues, concurrency in harness.WORKERS)
+    harness.WORKERS = tuple(
+        (name, queues, args.embed_concurrency if name == "embed" else concurrency)
+        for name, queues, concurrency in harness.WORKERS)
 
     from pipelines.nlp.training import ensure_tagger
+    from sluice import processes
 
     work = Path(tempfile.mkdtemp(prefix="sluice-bench-ingest-"))
     results: dict[str, Any] = {}
     try:
         tagger = ensure_tagger(DATA / "nlp" / "ud-english-ewt", work / "nlp")
-        env = {"SLUICE_TAGGER_PATH": str(tagger),
+        env = {"SLUICE_TAGGER_PATH": str(tagger), **processes.QUEUE_ENV["embed"],
                **dict(item.split("=", 1) for item in args.env)}
         # the first few abstracts warm the workers up; the measured ones come after them
         abstracts = make_corpus(work / "scifact", WARM_UP_DOCS + args.docs)
