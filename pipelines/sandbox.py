@@ -166,21 +166,8 @@ def _run(
 ) -> ChildReport:
     read_fd, write_fd = os.pipe()
     parent_pid = os.getpid()
-    # Flush before forking, or the child's os._exit would drop (and a normal exit would
-    # duplicate) whatever sits in the parent's stdio buffers.
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    _reap_exited()
     started = time.perf_counter()
-    # Frozen objects are skipped by the collector, so the child's collections do not touch
-    # (and copy) every page of the inherited heap. Unfrozen in the parent straight after.
-    gc.freeze()
-    try:
-        pid = os.fork()
-    finally:
-        if os.getpid() == parent_pid:
-            gc.unfreeze()
+    pid = _fork()
     if pid == 0:  # the child: never returns
         os.close(read_fd)
         _child_main(fn, args, kwargs, limits, write_fd, parent_pid, measure)
@@ -213,6 +200,24 @@ def _run(
             _kill(pid)
             _reap(pid, wait_s=None)
     return _outcome(payload, reaped, label=label, limits=limits, fork_s=fork_s)
+
+
+def _fork() -> int:
+    """``os.fork()``, after flushing stdio (or the child's ``os._exit`` would drop, and a
+    normal exit duplicate, what sits in the parent's buffers) and reaping children that have
+    left; the heap frozen around it: frozen objects are skipped by the collector, so the
+    child's collections do not touch (and copy) every page of the inherited heap."""
+    parent_pid = os.getpid()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    _reap_exited()
+    gc.freeze()
+    try:
+        return os.fork()
+    finally:
+        if os.getpid() == parent_pid:
+            gc.unfreeze()
 
 
 def _collect(
@@ -441,16 +446,7 @@ class Resident:
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
         parent_pid = os.getpid()
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        _reap_exited()
-        gc.freeze()
-        try:
-            pid = os.fork()
-        finally:
-            if os.getpid() == parent_pid:
-                gc.unfreeze()
+        pid = _fork()
         if pid == 0:  # the child: never returns
             os.close(to_child_w)
             os.close(from_child_r)
