@@ -208,7 +208,7 @@ def ingest(stacks: list[Stack], watch: harness.ProcessWatch, path: Path, *,
             if embed_timeout == 0:
                 break
         if state in harness.FINAL:
-            result = result if state == "succeeded" else error or state
+            result = "succeeded" if state == "succeeded" else error or state
             if parse_end is None:
                 row["parse_s"] = round(time.time() - parse_start, 1)
             if state == "succeeded":
