@@ -60,7 +60,7 @@ import time
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Final, TypeVar
+from typing import Any, Final, NoReturn, TypeVar
 
 from pipelines.errors import CorruptDocument, MemoryLimitExceeded, ParseTimeout
 
@@ -303,6 +303,11 @@ def _outcome(
             raise value
         # "unpicklable" / "base": describe it; never re-raise SystemExit & co. in the parent
         raise ChildCrashed(f"{label} failed: {value}") from _ChildTraceback(child_tb)
+    _no_result(status, label=label, limits=limits)
+
+
+def _no_result(status: int, *, label: str, limits: SandboxLimits) -> NoReturn:
+    """A child that sent nothing back: its wait status (-1: unknown) says why."""
     if status != -1 and os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         if sig == signal.SIGKILL:
@@ -397,7 +402,7 @@ class Resident:
             self.close()
             self._spawn(limits)
         assert self._pid is not None
-        pid, started = self._pid, time.perf_counter()
+        pid = self._pid
         request = pickle.dumps((fn, args, dict(kwargs or {}), limits.cpu_time_s),
                                protocol=pickle.HIGHEST_PROTOCOL)
         stays, kill = False, True
@@ -414,13 +419,11 @@ class Resident:
             if not payload:  # no result: its exit status says why
                 status = _reap(pid, wait_s=_REAP_GRACE_S)
                 kill = status is None  # closed its pipe but lives on
-                _outcome(b"", -1 if status is None else status, label=label, limits=limits,
-                         fork_s=0.0)  # raises: an empty payload is always a failure
+                _no_result(-1 if status is None else status, label=label, limits=limits)
             leaving, report = _unframe(payload)
             kill = False
             stays = not leaving and self._calls < self.max_calls
-            value: T = _outcome(report, 0, label=label, limits=limits,
-                                fork_s=time.perf_counter() - started).value
+            value: T = _outcome(report, 0, label=label, limits=limits, fork_s=0.0).value
             return value
         finally:
             if not stays:
@@ -573,8 +576,9 @@ def _resident_main(read_fd: int, write_fd: int, limits: SandboxLimits, parent_pi
             leaving = result[0] not in ("ok", "error") or grown > max_growth_bytes
             payload = _encode(result)
             del result
-            _write_all(write_fd, _frame(payload, leaving=leaving or payload == _MEMORY_REPORT))
-            if leaving or payload == _MEMORY_REPORT:
+            leaving = leaving or payload is _MEMORY_REPORT  # it could not even pickle
+            _write_all(write_fd, _frame(payload, leaving=leaving))
+            if leaving:
                 exit_code = _EXIT_OK
                 break
     except MemoryError:
