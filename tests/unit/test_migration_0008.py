@@ -3,44 +3,26 @@ PostgreSQL, keeps the jobs, and leaves the schema the models describe."""
 
 from __future__ import annotations
 
-from alembic.autogenerate import compare_metadata
-from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect, select, text
+from sqlalchemy import select, text
 
-from models import Base, Job, JobKind, Stage, ledger
+from models import Job, JobKind, Stage, ledger
 from sluice import migrate
 from sluice.db import dispose_engine, get_engine, session_scope
+from tests.unit.schema import column_names, index_names, schema_drift
 
 INDEX = "ix_jobs_workspace_lane"
-
-
-def _job_columns() -> set[str]:
-    return {c["name"] for c in inspect(get_engine()).get_columns("jobs")}
-
-
-def _job_indexes() -> set[str]:
-    return {ix["name"] for ix in inspect(get_engine()).get_indexes("jobs")}
-
-
-def _schema_drift() -> list[object]:
-    """What autogenerate would change about the new column and index (nothing, if the models
-    and the migration agree)."""
-    with get_engine().connect() as conn:
-        diffs = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}),
-                                 Base.metadata)
-    return [d for d in diffs if INDEX in repr(d) or "'held'" in repr(d)]
 
 
 def test_0008_up_and_down(any_db: dict[str, str]) -> None:
     from api.deps import ensure_workspace
 
     assert migrate.current_revision(get_engine()) == migrate.head_revision()  # 0008 or later
-    assert "held" in _job_columns() and INDEX in _job_indexes()
-    assert _schema_drift() == []
+    assert "held" in column_names("jobs") and INDEX in index_names("jobs")
+    assert schema_drift(INDEX, "'held'") == []
 
     migrate.downgrade(get_engine(), "0007")
     dispose_engine()
-    assert "held" not in _job_columns() and INDEX not in _job_indexes()
+    assert "held" not in column_names("jobs") and INDEX not in index_names("jobs")
     with get_engine().begin() as conn:  # a job written by the code before 0008
         conn.execute(text("INSERT INTO workspaces (id, created_at) VALUES ('w', :now)"),
                      {"now": "2026-11-21 00:00:00"})
@@ -52,8 +34,8 @@ def test_0008_up_and_down(any_db: dict[str, str]) -> None:
 
     migrate.upgrade(get_engine(), "0008")
     dispose_engine()
-    assert "held" in _job_columns() and INDEX in _job_indexes()
-    assert _schema_drift() == []
+    assert "held" in column_names("jobs") and INDEX in index_names("jobs")
+    assert schema_drift(INDEX, "'held'") == []
     with session_scope() as session:
         assert session.scalar(select(Job.held).where(Job.id == "old")) is False  # not held
         ensure_workspace(session, "w")
