@@ -9,6 +9,7 @@ with unstructured imported is ~0.7 GB), so the tests do not depend on what ran b
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import signal
 import subprocess
@@ -328,12 +329,16 @@ def test_the_child_dies_with_its_parent(tmp_path: Path, call: str) -> None:
 # --- a resident child ----------------------------------------------------------------------
 
 
-_kept: list[bytearray] = []
+_kept: list[mmap.mmap] = []
 
 
 def _keep(mib: int) -> int:
-    """Leak ``mib`` MiB in the child, as a parser holding on to memory would."""
-    _kept.append(bytearray(mib << 20))
+    """Leak ``mib`` MiB in the child, as a parser holding on to memory would: a new private
+    mapping, written. (Not a bytearray: malloc may place it in free heap the child inherited,
+    which the data size already counts, and the test would depend on what ran before it.)"""
+    leak = mmap.mmap(-1, mib << 20, flags=mmap.MAP_PRIVATE)
+    leak.write(b"x" * (mib << 20))
+    _kept.append(leak)
     return os.getpid()
 
 
