@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
-from sqlalchemy import delete, update
+from sqlalchemy import delete, insert, update
 from sqlalchemy.orm import Session
 
-from models.entities import Chunk, Document, DocumentStatus
+from models.entities import Chunk, Document, DocumentStatus, new_id, utcnow
+
+# The table, not the entity: a plain Core insert, its defaults applied as the ORM's are.
+_INSERT = insert(Document.__table__)
+
+
+def insert_document(session: Session, *, workspace_id: str, filename: str,
+                    content_type: str | None, sha256: str, size_bytes: int) -> str:
+    """A new pending document's row (an upload's); returns its id. One prebuilt insert, not
+    an ORM object and its flush: an upload runs it under its workspace's lock."""
+    document_id, now = new_id(), utcnow()
+    session.execute(_INSERT, {
+        "id": document_id, "workspace_id": workspace_id, "filename": filename,
+        "content_type": content_type, "sha256": sha256, "size_bytes": size_bytes,
+        "status": DocumentStatus.PENDING, "created_at": now, "updated_at": now})
+    return document_id
 
 
 def mark_failed(session: Session, *, document_id: str, code: str, message: str) -> None:
