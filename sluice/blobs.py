@@ -45,11 +45,9 @@ class BlobStore:
         self, workspace_id: str, chunks: AsyncIterator[bytes], *, max_bytes: int
     ) -> StoredBlob:
         """Stream `chunks` to disk while hashing; raise BlobTooLarge past `max_bytes`."""
-        incoming = self.root / ".incoming"
-        incoming.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256()
         size = 0
-        fd, tmp_name = tempfile.mkstemp(dir=incoming)
+        fd, tmp_name = tempfile.mkstemp(dir=self._incoming())
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as out:
@@ -60,12 +58,32 @@ class BlobStore:
                     digest.update(chunk)
                     out.write(chunk)
             sha = digest.hexdigest()
-            final = self.path_for(workspace_id, sha)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, final)
-            return StoredBlob(sha256=sha, size=size, path=final)
+            return StoredBlob(sha256=sha, size=size, path=self._place(tmp, workspace_id, sha))
         finally:
             tmp.unlink(missing_ok=True)
+
+    def write(self, workspace_id: str, sha256: str, data: bytes) -> Path:
+        """Store `data`, whose hash the caller computed (a small upload, read whole)."""
+        fd, tmp_name = tempfile.mkstemp(dir=self._incoming())
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+            return self._place(tmp, workspace_id, sha256)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _incoming(self) -> Path:
+        incoming = self.root / ".incoming"
+        incoming.mkdir(parents=True, exist_ok=True)
+        return incoming
+
+    def _place(self, tmp: Path, workspace_id: str, sha256: str) -> Path:
+        """Rename a complete temporary file into place: a blob is never seen half-written."""
+        final = self.path_for(workspace_id, sha256)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, final)
+        return final
 
     def delete(self, workspace_id: str, sha256: str) -> None:
         self.path_for(workspace_id, sha256).unlink(missing_ok=True)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import bindparam, func, select
+from sqlalchemy.orm import Session
 
 from api.deps import (
     SessionDep,
@@ -31,6 +33,12 @@ log = logging.getLogger(__name__)
 
 BODY_OVERHEAD = FORM_FIELDS_MAX_BYTES + 64 * 1024
 """Multipart framing and small form fields tolerated on top of the upload limit."""
+SMALL_BODY_BYTES = 256 * 1024
+"""A body announced this small is read whole before anything else, then checked against the
+quotas and stored in the upload's transaction: one thread hand-off and one transaction,
+where a larger one is checked first (a refused upload is not read), then streamed to disk
+up to the room the check left, then recorded. Reading it costs no more than the check would
+have saved, and at most this much memory per request."""
 
 
 @router.post(
@@ -59,22 +67,16 @@ async def upload_document(
     Identical bytes already in the workspace return the existing document with `200` and
     `"duplicate": true`, unless `force=true`."""
     settings = get_settings()
-    room = await run_in_threadpool(_room_for_upload, workspace)
-    limit = settings.max_upload_bytes if room is None else min(settings.max_upload_bytes, room)
     announced = request.headers.get("content-length", "")
-    if room is not None and announced.isdigit() and int(announced) > room + BODY_OVERHEAD:
-        raise _storage_quota(room)
     upload = MultipartUpload(request, max_body_bytes=settings.max_upload_bytes + BODY_OVERHEAD)
-    try:
-        blob = await blob_store().store_stream(workspace, upload.file_chunks(), max_bytes=limit)
-    except BlobTooLarge as exc:
-        if room is not None and room < settings.max_upload_bytes:
-            raise _storage_quota(room) from exc
-        raise ApiError(413, "too_large", str(exc)) from exc
-    filename = clean_filename(upload.filename)
+    if announced.isdigit() and int(announced) <= SMALL_BODY_BYTES:
+        content = await _read_small(upload, limit=settings.max_upload_bytes)
+        blob = None
+    else:
+        content, blob = None, await _stream_to_store(request, upload, workspace)
     accepted = await run_in_threadpool(
-        _accept_upload, workspace=workspace, blob=blob, filename=filename,
-        content_type=upload.content_type, force=force,
+        _accept_upload, workspace=workspace, blob=blob, content=content,
+        filename=clean_filename(upload.filename), content_type=upload.content_type, force=force,
     )
     bind_context(job_id=accepted.job_id, document_id=accepted.document_id)  # the request's line
     if accepted.duplicate:
@@ -83,19 +85,57 @@ async def upload_document(
     return accepted
 
 
+async def _read_small(upload: MultipartUpload, *, limit: int) -> bytes:
+    """A small body's file, whole: checked against the quotas, and stored once it fits, in
+    the upload's transaction (`_record_upload`)."""
+    chunks, size = [], 0
+    async for chunk in upload.file_chunks():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "too_large", str(BlobTooLarge(limit)))
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _stream_to_store(request: Request, upload: MultipartUpload, workspace: str
+                           ) -> StoredBlob:
+    """A large (or chunked) body's file, streamed to the blob store after the quotas were
+    checked and up to the room they leave."""
+    settings = get_settings()
+    room = await run_in_threadpool(_room_for_upload, workspace)
+    limit = settings.max_upload_bytes if room is None else min(settings.max_upload_bytes, room)
+    announced = request.headers.get("content-length", "")
+    if room is not None and announced.isdigit() and int(announced) > room + BODY_OVERHEAD:
+        raise _storage_quota(room)
+    try:
+        return await blob_store().store_stream(workspace, upload.file_chunks(), max_bytes=limit)
+    except BlobTooLarge as exc:
+        if room is not None and room < settings.max_upload_bytes:
+            raise _storage_quota(room) from exc
+        raise ApiError(413, "too_large", str(exc)) from exc
+
+
 def _accept_upload(
-    *, workspace: str, blob: StoredBlob, filename: str, content_type: str | None, force: bool
+    *, workspace: str, blob: StoredBlob | None, content: bytes | None, filename: str,
+    content_type: str | None, force: bool,
 ) -> UploadAccepted:
-    """Record the upload, then publish its job or leave it held: one hand-off to a thread
-    for both (each costs the event loop ~0.3 ms of CPU)."""
-    accepted, room = _record_upload(workspace=workspace, blob=blob, filename=filename,
+    """Record the upload (a small one's `content` stored in its transaction, a large one's
+    `blob` stored already), then publish its job or leave it held: one hand-off to a thread
+    for all of it."""
+    if blob is None:
+        assert content is not None
+        sha256, size = hashlib.sha256(content).hexdigest(), len(content)
+    else:
+        sha256, size = blob.sha256, blob.size
+    accepted, room = _record_upload(workspace=workspace, sha256=sha256, size=size,
+                                    content=content, filename=filename,
                                     content_type=content_type, force=force)
     bind_context(job_id=accepted.job_id, document_id=accepted.document_id)  # (this thread's)
     if accepted.duplicate:
         log.info("upload of %r is a duplicate of document %s", filename, accepted.document_id)
     else:
         log.info("document %s (%r, %d bytes) uploaded as job %s", accepted.document_id,
-                 filename, blob.size, accepted.job_id)
+                 filename, size, accepted.job_id)
         _publish_or_hold(workspace, accepted.job_id, room)
     return accepted
 
@@ -120,11 +160,15 @@ def _room_for_upload(workspace: str) -> int | None:
     with read_scope() as session:
         quota, used = quotas.measure(session, workspace_id=workspace,
                                      defaults=default_quota(settings))
-        quotas.check_document(session, workspace_id=workspace, quota=quota, size_bytes=0,
-                              retry_after_s=settings.quota_retry_after_s, used=used)
-        if quota.stored_bytes is None:
-            return None
-        return quota.stored_bytes - used.stored_bytes
+        return _room_left(session, workspace=workspace, quota=quota, used=used)
+
+
+def _room_left(session: Session, *, workspace: str, quota: quotas.Quota, used: quotas.Usage
+               ) -> int | None:
+    settings = get_settings()
+    quotas.check_document(session, workspace_id=workspace, quota=quota, size_bytes=0,
+                          retry_after_s=settings.quota_retry_after_s, used=used)
+    return None if quota.stored_bytes is None else quota.stored_bytes - used.stored_bytes
 
 
 def _storage_quota(room: int) -> ApiError:
@@ -133,13 +177,17 @@ def _storage_quota(room: int) -> ApiError:
 
 
 def _record_upload(
-    *, workspace: str, blob: StoredBlob, filename: str, content_type: str | None, force: bool
+    *, workspace: str, sha256: str, size: int, content: bytes | None, filename: str,
+    content_type: str | None, force: bool,
 ) -> tuple[UploadAccepted, fairness.Room | None]:
     """The document and its job, in one transaction, if they still fit the quotas (checked
     under the workspace's lock: concurrent uploads cannot both take the last place, nor the
-    last in-flight slot). A refused upload leaves no row; its blob, if no document uses it,
-    goes with the orphan purge. Returns the lane's room the job was admitted by (None for a
-    duplicate): it was created held unless the room admitted it."""
+    last in-flight slot). A refused upload leaves no row; a streamed one's blob, if no
+    document uses it, goes with the orphan purge. A small upload's `content` is refused as
+    `_room_for_upload` and the stream's limit would have refused it, and stored (before
+    commit, so its job never lacks it) only when it fits and is not a duplicate. Returns the
+    lane's room the job was admitted by (None for a duplicate): it was created held unless
+    the room admitted it."""
     settings = get_settings()
     defaults = default_quota(settings)
     with session_scope() as session:
@@ -152,18 +200,24 @@ def _record_upload(
             ensure_workspace(session, workspace)
             quota, used = quotas.measure(session, workspace_id=workspace, defaults=defaults,
                                          lock=True)
+        if content is not None:
+            room_left = _room_left(session, workspace=workspace, quota=quota, used=used)
+            if room_left is not None and size > room_left:
+                raise _storage_quota(room_left)
         if not force:
             existing = session.execute(
-                _SAME_BYTES, {"workspace_id": workspace, "sha256": blob.sha256}).first()
+                _SAME_BYTES, {"workspace_id": workspace, "sha256": sha256}).first()
             if existing is not None:
                 return UploadAccepted(document_id=existing[0], job_id=existing[1],
                                       duplicate=True), None
         quotas.check_document(session, workspace_id=workspace, quota=quota,
-                              size_bytes=blob.size, retry_after_s=settings.quota_retry_after_s,
+                              size_bytes=size, retry_after_s=settings.quota_retry_after_s,
                               used=used)
+        if content is not None:
+            blob_store().write(workspace, sha256, content)
         document_id = documents.insert_document(
             session, workspace_id=workspace, filename=filename, content_type=content_type,
-            sha256=blob.sha256, size_bytes=blob.size)
+            sha256=sha256, size_bytes=size)
         # (the workspace is locked already: `fairness.admit` would only lock it again)
         room = fairness.room(session, workspace_id=workspace, lane=fairness.INGEST)
         admitted = room.admits(settings.workspace_inflight_cap)
