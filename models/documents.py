@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
 from sqlalchemy import delete, insert, update
 from sqlalchemy.orm import Session
 
@@ -11,16 +14,28 @@ from models.entities import Chunk, Document, DocumentStatus, new_id, utcnow
 _INSERT = insert(Document.__table__)
 
 
-def insert_document(session: Session, *, workspace_id: str, filename: str,
-                    content_type: str | None, sha256: str, size_bytes: int) -> str:
-    """A new pending document's row (an upload's); returns its id. One prebuilt insert, not
-    an ORM object and its flush: an upload runs it under its workspace's lock."""
-    document_id, now = new_id(), utcnow()
-    session.execute(_INSERT, {
-        "id": document_id, "workspace_id": workspace_id, "filename": filename,
-        "content_type": content_type, "sha256": sha256, "size_bytes": size_bytes,
-        "status": DocumentStatus.PENDING, "created_at": now, "updated_at": now})
-    return document_id
+@dataclass(frozen=True, slots=True)
+class NewDocument:
+    workspace_id: str
+    filename: str
+    content_type: str | None
+    sha256: str
+    size_bytes: int
+    id: str = field(default_factory=new_id)
+
+
+def insert_documents(session: Session, docs: Sequence[NewDocument]) -> None:
+    """New pending documents' rows (uploads', recorded in batches). One
+    prebuilt insert (an `executemany`), not ORM objects and their flush: an upload runs it
+    under its workspace's lock."""
+    if not docs:
+        return
+    now = utcnow()
+    rows = [{"id": d.id, "workspace_id": d.workspace_id, "filename": d.filename,
+             "content_type": d.content_type, "sha256": d.sha256, "size_bytes": d.size_bytes,
+             "status": DocumentStatus.PENDING, "created_at": now, "updated_at": now}
+            for d in docs]
+    session.execute(_INSERT, rows)
 
 
 def mark_failed(session: Session, *, document_id: str, code: str, message: str) -> None:

@@ -96,41 +96,52 @@ def create_job(
     the caller publishes its message right after commit (`publish(..., mark=False)`), so
     it is marked published now, in this transaction, as `dispatch_held` does; a message lost
     on the way is republished like any other (`jobs_needing_publish`)."""
-    job = Job(**_new_job(workspace_id=workspace_id, kind=kind, stage=stage,
-                         document_id=document_id, payload=payload, request_id=request_id,
-                         parent_id=parent_id, held=held, published=published))
+    job = Job(**_new_job(job_id=new_id(), workspace_id=workspace_id, kind=kind, stage=stage,
+                         document_id=document_id, payload=payload,
+                         request_id=request_id or current_request_id(), parent_id=parent_id,
+                         held=held, published=published))
     session.add(job)
     session.flush()
     _append_event(session, job.id)
     return job
 
 
-def insert_job(
-    session: Session,
-    *,
-    workspace_id: str,
-    kind: JobKind,
-    stage: Stage,
-    document_id: str | None = None,
-    held: bool = False,
-    published: bool = False,
-) -> str:
-    """`create_job` for a caller that needs only the new job's id (an upload): the same row
-    and first event, written by two prebuilt Core inserts instead of an ORM flush and an
-    INSERT ... SELECT, which cost an upload more CPU than the rest of its transaction."""
-    values = _new_job(workspace_id=workspace_id, kind=kind, stage=stage,
-                      document_id=document_id, held=held, published=published)
-    session.execute(_INSERT_JOB, values)
-    session.execute(_INSERT_EVENT, {
-        "job_id": values["id"], "workspace_id": workspace_id, "kind": kind,
-        "state": JobState.QUEUED, "stage": stage, "progress": 0.0, "error_code": None,
-        "error_message": None, "created_at": values["created_at"]})
-    return str(values["id"])
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """A job for `insert_jobs`: `create_job`'s arguments that an upload's job uses."""
+
+    workspace_id: str
+    kind: JobKind
+    stage: Stage
+    request_id: str | None
+    """As given (in a batch the log context is another request's)."""
+    document_id: str | None = None
+    held: bool = False
+    published: bool = False
+    id: str = field(default_factory=new_id)
+
+
+def insert_jobs(session: Session, jobs: Sequence[NewJob]) -> None:
+    """`create_job` for callers that need no Job objects (uploads, recorded in batches): the
+    same rows and first events, written by two prebuilt Core inserts (one
+    `executemany` each) instead of an ORM flush and an INSERT ... SELECT per job, which cost
+    an upload more CPU than the rest of its transaction."""
+    if not jobs:
+        return
+    rows = [_new_job(job_id=j.id, workspace_id=j.workspace_id, kind=j.kind, stage=j.stage,
+                     document_id=j.document_id, request_id=j.request_id, held=j.held,
+                     published=j.published)
+            for j in jobs]
+    session.execute(_INSERT_JOB, rows)
+    session.execute(_INSERT_EVENT, [
+        {"job_id": r["id"], "workspace_id": r["workspace_id"], "kind": r["kind"],
+         "state": r["state"], "stage": r["stage"], "progress": 0.0, "error_code": None,
+         "error_message": None, "created_at": r["created_at"]} for r in rows])
 
 
 def _new_job(
-    *, workspace_id: str, kind: JobKind, stage: Stage, document_id: str | None,
-    payload: dict[str, Any] | None = None, request_id: str | None = None,
+    *, job_id: str, workspace_id: str, kind: JobKind, stage: Stage, document_id: str | None,
+    payload: dict[str, Any] | None = None, request_id: str | None,
     parent_id: str | None = None, held: bool, published: bool,
 ) -> dict[str, Any]:
     """The columns of a new job's row that are not the table's defaults."""
@@ -138,11 +149,10 @@ def _new_job(
         raise ValueError("a held job has no message to publish")
     now = utcnow()
     return {
-        "id": new_id(), "workspace_id": workspace_id, "kind": kind, "stage": stage,
-        "document_id": document_id, "payload": payload or {},
-        "request_id": request_id or current_request_id(), "parent_id": parent_id,
-        "state": JobState.QUEUED, "held": held, "published_at": now if published else None,
-        "created_at": now, "updated_at": now,
+        "id": job_id, "workspace_id": workspace_id, "kind": kind, "stage": stage,
+        "document_id": document_id, "payload": payload or {}, "request_id": request_id,
+        "parent_id": parent_id, "state": JobState.QUEUED, "held": held,
+        "published_at": now if published else None, "created_at": now, "updated_at": now,
     }
 
 
@@ -306,12 +316,15 @@ def heartbeat(session: Session, claim: Claim, *, progress: float | None = None) 
 
 
 def advance(session: Session, claim: Claim, *, next_stage: Stage) -> bool:
-    """Hand the job to its next stage (queued there, attempts counted afresh)."""
+    """Hand the job to its next stage (queued there, attempts counted afresh). The caller
+    publishes its message right after commit (`publish(..., mark=False)`), so it is marked
+    published now, as `create_job(published=True)` does: a message lost on the way is
+    republished like any other (`jobs_needing_publish`)."""
     ok = _cas(
         session,
         claim.job_id,
         _held(claim),
-        {"state": JobState.QUEUED, "stage": next_stage, "attempt": 0, "published_at": None},
+        {"state": JobState.QUEUED, "stage": next_stage, "attempt": 0, "published_at": utcnow()},
     )
     if ok:
         _end_attempt(session, claim, outcome="succeeded")

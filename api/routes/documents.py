@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
@@ -19,6 +21,7 @@ from api.deps import (
     ensure_workspace,
 )
 from api.errors import ApiError, not_found
+from api.group_commit import GroupCommit
 from api.schemas import DocumentList, DocumentOut, ErrorBody, ErrorInfo, UploadAccepted
 from api.state import blob_store, dispatch_held, publish_job
 from api.uploads import FILE_FIELD, FORM_FIELDS_MAX_BYTES, MultipartUpload, clean_filename
@@ -115,6 +118,21 @@ async def _stream_to_store(request: Request, upload: MultipartUpload, workspace:
         raise ApiError(413, "too_large", str(exc)) from exc
 
 
+@dataclass(frozen=True, slots=True)
+class _Upload:
+    """What `_record_uploads` needs of one upload."""
+
+    workspace: str
+    sha256: str
+    size: int
+    content: bytes | None
+    """A small upload's bytes, stored by its transaction; None: streamed to the store already."""
+    filename: str
+    content_type: str | None
+    force: bool
+    request_id: str | None
+
+
 def _accept_upload(
     *, workspace: str, blob: StoredBlob | None, content: bytes | None, filename: str,
     content_type: str | None, force: bool,
@@ -127,9 +145,9 @@ def _accept_upload(
         sha256, size = hashlib.sha256(content).hexdigest(), len(content)
     else:
         sha256, size = blob.sha256, blob.size
-    accepted, room = _record_upload(workspace=workspace, sha256=sha256, size=size,
-                                    content=content, filename=filename,
-                                    content_type=content_type, force=force)
+    accepted, room = _recorder.submit(_Upload(
+        workspace=workspace, sha256=sha256, size=size, content=content, filename=filename,
+        content_type=content_type, force=force, request_id=current_request_id()))
     bind_context(job_id=accepted.job_id, document_id=accepted.document_id)  # (this thread's)
     if accepted.duplicate:
         log.info("upload of %r is a duplicate of document %s", filename, accepted.document_id)
@@ -176,55 +194,118 @@ def _storage_quota(room: int) -> ApiError:
                     f"the upload does not fit the workspace's storage quota ({room} bytes left)")
 
 
-def _record_upload(
-    *, workspace: str, sha256: str, size: int, content: bytes | None, filename: str,
-    content_type: str | None, force: bool,
-) -> tuple[UploadAccepted, fairness.Room | None]:
-    """The document and its job, in one transaction, if they still fit the quotas (checked
-    under the workspace's lock: concurrent uploads cannot both take the last place, nor the
-    last in-flight slot). A refused upload leaves no row; a streamed one's blob, if no
-    document uses it, goes with the orphan purge. A small upload's `content` is refused as
-    `_room_for_upload` and the stream's limit would have refused it, and stored (before
-    commit, so its job never lacks it) only when it fits and is not a duplicate. Returns the
-    lane's room the job was admitted by (None for a duplicate): it was created held unless
-    the room admitted it."""
+@dataclass(slots=True)
+class _Workspace:
+    """A workspace of a batch as its uploads left it."""
+
+    quota: quotas.Quota
+    used: quotas.Usage
+    room: fairness.Room | None = None
+    """Its ingest lane, read when its first job is created."""
+
+
+_Recorded = tuple[UploadAccepted, fairness.Room | None]
+
+
+def _record_uploads(uploads: Sequence[_Upload]) -> list[_Recorded | Exception]:
+    """Each upload's document and job, if they still fit the quotas, all in one transaction
+    (`_recorder`, a group commit): each workspace is locked (in name order) and measured
+    once, then the uploads are checked in arrival order against what the earlier ones of the
+    batch took, exactly as one transaction each would have been, so concurrent uploads still
+    cannot both take the last place, nor the last in-flight slot. A refused upload leaves no
+    row and gets its own error; a streamed one's blob, if no document uses it, goes with the
+    orphan purge. A small upload's `content` is refused as `_room_for_upload` and the
+    stream's limit would have refused it, and stored (before commit, so its job never lacks
+    it) only once it fits and is not a duplicate. Each result carries the lane's room its job
+    was admitted by (None for a duplicate): it was created held unless the room admitted
+    it."""
     settings = get_settings()
     defaults = default_quota(settings)
+    cap = settings.workspace_inflight_cap
+    results: list[_Recorded | Exception] = []
+    new_documents: list[documents.NewDocument] = []
+    new_jobs: list[ledger.NewJob] = []
+    added: dict[tuple[str, str], tuple[str, str]] = {}  # (workspace, sha256) -> (doc, job)
     with session_scope() as session:
-        # The workspace's lock, its quota and usage in one round trip (held from here to
-        # commit, so each statement below delays every other upload to the workspace).
-        try:
-            quota, used = quotas.measure(session, workspace_id=workspace, defaults=defaults,
-                                         lock=True)
-        except LookupError:  # its first upload
-            ensure_workspace(session, workspace)
-            quota, used = quotas.measure(session, workspace_id=workspace, defaults=defaults,
-                                         lock=True)
-        if content is not None:
-            room_left = _room_left(session, workspace=workspace, quota=quota, used=used)
-            if room_left is not None and size > room_left:
-                raise _storage_quota(room_left)
-        if not force:
-            existing = session.execute(
-                _SAME_BYTES, {"workspace_id": workspace, "sha256": sha256}).first()
+        # Locked from here to commit: each statement below delays every other upload to
+        # these workspaces.
+        spaces = {ws: _Workspace(*_lock_and_measure(session, ws, defaults))
+                  for ws in sorted({u.workspace for u in uploads})}
+        for upload in uploads:
+            space = spaces[upload.workspace]
+            try:
+                existing = _check_upload(session, upload, space, added)
+            except (quotas.QuotaExceeded, ApiError) as exc:
+                results.append(exc)
+                continue
             if existing is not None:
-                return UploadAccepted(document_id=existing[0], job_id=existing[1],
-                                      duplicate=True), None
-        quotas.check_document(session, workspace_id=workspace, quota=quota,
-                              size_bytes=size, retry_after_s=settings.quota_retry_after_s,
-                              used=used)
-        if content is not None:
-            blob_store().write(workspace, sha256, content)
-        document_id = documents.insert_document(
-            session, workspace_id=workspace, filename=filename, content_type=content_type,
-            sha256=sha256, size_bytes=size)
-        # (the workspace is locked already: `fairness.admit` would only lock it again)
-        room = fairness.room(session, workspace_id=workspace, lane=fairness.INGEST)
-        admitted = room.admits(settings.workspace_inflight_cap)
-        job_id = ledger.insert_job(session, workspace_id=workspace, kind=JobKind.INGEST,
-                                   stage=Stage.PARSE, document_id=document_id,
-                                   held=not admitted, published=admitted)
-        return UploadAccepted(document_id=document_id, job_id=job_id), room
+                results.append((UploadAccepted(document_id=existing[0], job_id=existing[1],
+                                               duplicate=True), None))
+                continue
+            if upload.content is not None:
+                blob_store().write(upload.workspace, upload.sha256, upload.content)
+            if space.room is None:
+                space.room = fairness.room(session, workspace_id=upload.workspace,
+                                           lane=fairness.INGEST)
+            room, admitted = space.room, space.room.admits(cap)
+            doc = documents.NewDocument(
+                workspace_id=upload.workspace, filename=upload.filename,
+                content_type=upload.content_type, sha256=upload.sha256,
+                size_bytes=upload.size)
+            job = ledger.NewJob(workspace_id=upload.workspace, kind=JobKind.INGEST,
+                                stage=Stage.PARSE, request_id=upload.request_id,
+                                document_id=doc.id, held=not admitted, published=admitted)
+            new_documents.append(doc)
+            new_jobs.append(job)
+            added[upload.workspace, upload.sha256] = (doc.id, job.id)
+            used = space.used
+            space.used = quotas.Usage(documents=used.documents + 1,
+                                      stored_bytes=used.stored_bytes + upload.size,
+                                      queued_jobs=used.queued_jobs + 1)
+            space.room = fairness.Room(in_flight=room.in_flight + (1 if admitted else 0),
+                                       held=room.held or not admitted)
+            results.append((UploadAccepted(document_id=doc.id, job_id=job.id), room))
+        documents.insert_documents(session, new_documents)
+        ledger.insert_jobs(session, new_jobs)
+    return results
+
+
+def _lock_and_measure(session: Session, workspace: str, defaults: quotas.Quota
+                      ) -> tuple[quotas.Quota, quotas.Usage]:
+    """Lock the workspace; its quota and usage (the lock, then one statement)."""
+    try:
+        return quotas.measure(session, workspace_id=workspace, defaults=defaults, lock=True)
+    except LookupError:  # its first upload
+        ensure_workspace(session, workspace)
+        return quotas.measure(session, workspace_id=workspace, defaults=defaults, lock=True)
+
+
+def _check_upload(session: Session, upload: _Upload, space: _Workspace,
+                  added: dict[tuple[str, str], tuple[str, str]]) -> tuple[str, str] | None:
+    """Raise unless the upload fits its workspace's quotas; the (document, job) already
+    holding its bytes, unless `force`. Same checks, same order as a streamed upload meets
+    them (`_room_for_upload`, the stream's limit, then the transaction's)."""
+    settings = get_settings()
+    if upload.content is not None:
+        room_left = _room_left(session, workspace=upload.workspace, quota=space.quota,
+                               used=space.used)
+        if room_left is not None and upload.size > room_left:
+            raise _storage_quota(room_left)
+    if not upload.force:
+        existing = added.get((upload.workspace, upload.sha256))  # newer than any row
+        if existing is None:
+            row = session.execute(_SAME_BYTES, {"workspace_id": upload.workspace,
+                                                "sha256": upload.sha256}).first()
+            existing = None if row is None else (row[0], row[1])
+        if existing is not None:
+            return existing
+    quotas.check_document(session, workspace_id=upload.workspace, quota=space.quota,
+                          size_bytes=upload.size, retry_after_s=settings.quota_retry_after_s,
+                          used=space.used)
+    return None
+
+
+_recorder = GroupCommit(_record_uploads)
 
 
 # The document already holding these bytes and its latest ingest job. Built once, as the

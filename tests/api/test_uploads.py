@@ -3,6 +3,7 @@ left behind, bad multipart bodies get clear errors, and file names are made safe
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -16,7 +17,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from api.uploads import clean_filename
-from models import Document, Job
+from models import Document, Job, JobEvent
+from models.fairness import Room
 from sluice.db import session_scope
 from sluice.processes import API_ENV, api_command, child_env
 from tests.stack import REPO, free_port
@@ -212,3 +214,43 @@ def test_memory_does_not_grow_with_the_upload(
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_uploads_recorded_in_one_batch_meet_the_quotas_in_turn(
+    sluice_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Concurrent uploads share a transaction (a group commit): each is checked against what
+    the earlier ones of the batch took, as one transaction each would have been."""
+    from api.routes import documents as route
+    from models.quotas import QuotaExceeded
+    from sluice.settings import get_settings
+
+    monkeypatch.setenv("SLUICE_QUOTA_DOCUMENTS", "2")
+    monkeypatch.setenv("SLUICE_WORKSPACE_INFLIGHT_CAP", "1")
+    get_settings.cache_clear()
+
+    def upload(data: bytes, workspace: str = "ws-b") -> route._Upload:
+        return route._Upload(workspace=workspace, sha256=hashlib.sha256(data).hexdigest(),
+                             size=len(data), content=data, filename="f.txt",
+                             content_type="text/plain", force=False,
+                             request_id=f"req-{data.decode()}-{workspace}")
+
+    first, again, second, over, elsewhere = route._record_uploads(
+        [upload(b"a"), upload(b"a"), upload(b"b"), upload(b"c"), upload(b"c", "ws-o")])
+    assert not isinstance(first, Exception) and not isinstance(again, Exception)
+    assert not isinstance(second, Exception) and not isinstance(elsewhere, Exception)
+    assert again[0].duplicate and (again[0].document_id, again[0].job_id) == (
+        first[0].document_id, first[0].job_id)
+    assert isinstance(over, QuotaExceeded) and over.code == "document_quota_exceeded"
+    # the first took the workspace's one in-flight slot: the second is held behind it
+    assert (first[1], second[1]) == (Room(in_flight=0, held=False), Room(in_flight=1, held=False))
+    with session_scope() as session:
+        jobs = {j.request_id: (j.workspace_id, j.held, j.published_at is not None)
+                for j in session.scalars(select(Job))}
+        events = session.scalar(select(func.count()).select_from(JobEvent))
+    assert jobs == {"req-a-ws-b": ("ws-b", False, True), "req-b-ws-b": ("ws-b", True, False),
+                    "req-c-ws-o": ("ws-o", False, True)}
+    assert events == 3
+    stored = sorted(p.relative_to(p.parents[2]).parts[0] + ":" + p.read_text()
+                    for p in _stored_files(sluice_env))
+    assert stored == ["ws-b:a", "ws-b:b", "ws-o:c"]  # the refused upload stored nothing
