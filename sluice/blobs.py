@@ -58,32 +58,33 @@ class BlobStore:
                     digest.update(chunk)
                     out.write(chunk)
             sha = digest.hexdigest()
-            return StoredBlob(sha256=sha, size=size, path=self._place(tmp, workspace_id, sha))
+            return StoredBlob(sha256=sha, size=size, path=self.place(tmp, workspace_id, sha))
         finally:
             tmp.unlink(missing_ok=True)
 
-    def write(self, workspace_id: str, sha256: str, data: bytes) -> Path:
-        """Store `data`, whose hash the caller computed (a small upload, read whole)."""
+    def stage(self, data: bytes) -> Path:
+        """Write `data` (a small upload, read whole) to a temporary file, for `place` once it
+        is accepted; the caller removes it if it never is."""
         fd, tmp_name = tempfile.mkstemp(dir=self._incoming())
-        tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as out:
                 out.write(data)
-            return self._place(tmp, workspace_id, sha256)
-        finally:
-            tmp.unlink(missing_ok=True)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+        return Path(tmp_name)
 
-    def _incoming(self) -> Path:
-        incoming = self.root / ".incoming"
-        incoming.mkdir(parents=True, exist_ok=True)
-        return incoming
-
-    def _place(self, tmp: Path, workspace_id: str, sha256: str) -> Path:
+    def place(self, tmp: Path, workspace_id: str, sha256: str) -> Path:
         """Rename a complete temporary file into place: a blob is never seen half-written."""
         final = self.path_for(workspace_id, sha256)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, final)
         return final
+
+    def _incoming(self) -> Path:
+        incoming = self.root / ".incoming"
+        incoming.mkdir(parents=True, exist_ok=True)
+        return incoming
 
     def delete(self, workspace_id: str, sha256: str) -> None:
         self.path_for(workspace_id, sha256).unlink(missing_ok=True)

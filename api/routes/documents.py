@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
@@ -125,8 +127,9 @@ class _Upload:
     workspace: str
     sha256: str
     size: int
-    content: bytes | None
-    """A small upload's bytes, stored by its transaction; None: streamed to the store already."""
+    staged: Path | None
+    """A small upload's bytes in a temporary file, put in place by its transaction once it is
+    accepted; None: streamed to the store already."""
     filename: str
     content_type: str | None
     force: bool
@@ -137,17 +140,23 @@ def _accept_upload(
     *, workspace: str, blob: StoredBlob | None, content: bytes | None, filename: str,
     content_type: str | None, force: bool,
 ) -> UploadAccepted:
-    """Record the upload (a small one's `content` stored in its transaction, a large one's
+    """Record the upload (a small one's `content` stored by its transaction, a large one's
     `blob` stored already), then publish its job or leave it held: one hand-off to a thread
     for all of it."""
+    staged = None
     if blob is None:
         assert content is not None
         sha256, size = hashlib.sha256(content).hexdigest(), len(content)
+        staged = blob_store().stage(content)  # here, not in the batch's locked transaction
     else:
         sha256, size = blob.sha256, blob.size
-    accepted, room = _recorder.submit(_Upload(
-        workspace=workspace, sha256=sha256, size=size, content=content, filename=filename,
-        content_type=content_type, force=force, request_id=current_request_id()))
+    try:
+        accepted, room = _recorder.submit(_Upload(
+            workspace=workspace, sha256=sha256, size=size, staged=staged, filename=filename,
+            content_type=content_type, force=force, request_id=current_request_id()))
+    finally:
+        if staged is not None:  # refused, or a duplicate: nothing is kept
+            staged.unlink(missing_ok=True)
     bind_context(job_id=accepted.job_id, document_id=accepted.document_id)  # (this thread's)
     if accepted.duplicate:
         log.info("upload of %r is a duplicate of document %s", filename, accepted.document_id)
@@ -202,6 +211,9 @@ class _Workspace:
     used: quotas.Usage
     room: fairness.Room | None = None
     """Its ingest lane, read when its first job is created."""
+    same_bytes: dict[str, tuple[str, str]] = field(default_factory=dict)
+    """sha256 -> the (document, latest ingest job) holding those bytes, of the batch's
+    uploads (read at once) and then of those it adds."""
 
 
 _Recorded = tuple[UploadAccepted, fairness.Room | None]
@@ -225,16 +237,18 @@ def _record_uploads(uploads: Sequence[_Upload]) -> list[_Recorded | Exception]:
     results: list[_Recorded | Exception] = []
     new_documents: list[documents.NewDocument] = []
     new_jobs: list[ledger.NewJob] = []
-    added: dict[tuple[str, str], tuple[str, str]] = {}  # (workspace, sha256) -> (doc, job)
     with session_scope() as session:
         # Locked from here to commit: each statement below delays every other upload to
         # these workspaces.
         spaces = {ws: _Workspace(*_lock_and_measure(session, ws, defaults))
                   for ws in sorted({u.workspace for u in uploads})}
+        for ws, space in spaces.items():
+            space.same_bytes = _same_bytes(session, ws, {
+                u.sha256 for u in uploads if u.workspace == ws and not u.force})
         for upload in uploads:
             space = spaces[upload.workspace]
             try:
-                existing = _check_upload(session, upload, space, added)
+                existing = _check_upload(session, upload, space)
             except (quotas.QuotaExceeded, ApiError) as exc:
                 results.append(exc)
                 continue
@@ -242,8 +256,8 @@ def _record_uploads(uploads: Sequence[_Upload]) -> list[_Recorded | Exception]:
                 results.append((UploadAccepted(document_id=existing[0], job_id=existing[1],
                                                duplicate=True), None))
                 continue
-            if upload.content is not None:
-                blob_store().write(upload.workspace, upload.sha256, upload.content)
+            if upload.staged is not None:
+                blob_store().place(upload.staged, upload.workspace, upload.sha256)
             if space.room is None:
                 space.room = fairness.room(session, workspace_id=upload.workspace,
                                            lane=fairness.INGEST)
@@ -257,7 +271,7 @@ def _record_uploads(uploads: Sequence[_Upload]) -> list[_Recorded | Exception]:
                                 document_id=doc.id, held=not admitted, published=admitted)
             new_documents.append(doc)
             new_jobs.append(job)
-            added[upload.workspace, upload.sha256] = (doc.id, job.id)
+            space.same_bytes[upload.sha256] = (doc.id, job.id)
             used = space.used
             space.used = quotas.Usage(documents=used.documents + 1,
                                       stored_bytes=used.stored_bytes + upload.size,
@@ -280,43 +294,50 @@ def _lock_and_measure(session: Session, workspace: str, defaults: quotas.Quota
         return quotas.measure(session, workspace_id=workspace, defaults=defaults, lock=True)
 
 
-def _check_upload(session: Session, upload: _Upload, space: _Workspace,
-                  added: dict[tuple[str, str], tuple[str, str]]) -> tuple[str, str] | None:
+def _check_upload(session: Session, upload: _Upload, space: _Workspace
+                  ) -> tuple[str, str] | None:
     """Raise unless the upload fits its workspace's quotas; the (document, job) already
     holding its bytes, unless `force`. Same checks, same order as a streamed upload meets
     them (`_room_for_upload`, the stream's limit, then the transaction's)."""
     settings = get_settings()
-    if upload.content is not None:
+    if upload.staged is not None:
         room_left = _room_left(session, workspace=upload.workspace, quota=space.quota,
                                used=space.used)
         if room_left is not None and upload.size > room_left:
             raise _storage_quota(room_left)
-    if not upload.force:
-        existing = added.get((upload.workspace, upload.sha256))  # newer than any row
-        if existing is None:
-            row = session.execute(_SAME_BYTES, {"workspace_id": upload.workspace,
-                                                "sha256": upload.sha256}).first()
-            existing = None if row is None else (row[0], row[1])
-        if existing is not None:
-            return existing
+    if not upload.force and (existing := space.same_bytes.get(upload.sha256)) is not None:
+        return existing
     quotas.check_document(session, workspace_id=upload.workspace, quota=space.quota,
                           size_bytes=upload.size, retry_after_s=settings.quota_retry_after_s,
                           used=space.used)
     return None
 
 
+def _same_bytes(session: Session, workspace: str, hashes: set[str]
+                ) -> dict[str, tuple[str, str]]:
+    """The documents of the workspace already holding any of these bytes, each with its
+    latest ingest job, in one statement."""
+    if not hashes:
+        return {}
+    latest: dict[str, tuple[str, str, datetime]] = {}
+    for sha256, document_id, job_id, created_at in session.execute(
+            _SAME_BYTES, {"workspace_id": workspace, "hashes": sorted(hashes)}):
+        if sha256 not in latest or created_at > latest[sha256][2]:
+            latest[sha256] = (document_id, job_id, created_at)
+    return {sha256: (doc, job) for sha256, (doc, job, _) in latest.items()}
+
+
 _recorder = GroupCommit(_record_uploads)
 
 
-# The document already holding these bytes and its latest ingest job. Built once, as the
+# The documents already holding any of some bytes, with their ingest jobs. Built once, as the
 # other statements of an upload (models.quotas), since it runs under the workspace's lock.
 _SAME_BYTES = (
-    select(Document.id, Job.id)
+    select(Document.sha256, Document.id, Job.id, Job.created_at)
     .join(Job, Job.document_id == Document.id)
     .where(Document.workspace_id == bindparam("workspace_id"),
-           Document.sha256 == bindparam("sha256"), Job.kind == JobKind.INGEST)
-    .order_by(Job.created_at.desc())
-    .limit(1)
+           Document.sha256.in_(bindparam("hashes", expanding=True)),
+           Job.kind == JobKind.INGEST)
 )
 
 

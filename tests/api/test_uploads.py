@@ -222,6 +222,7 @@ def test_uploads_recorded_in_one_batch_meet_the_quotas_in_turn(
     """Concurrent uploads share a transaction (a group commit): each is checked against what
     the earlier ones of the batch took, as one transaction each would have been."""
     from api.routes import documents as route
+    from api.state import blob_store
     from models.quotas import QuotaExceeded
     from sluice.settings import get_settings
 
@@ -231,12 +232,16 @@ def test_uploads_recorded_in_one_batch_meet_the_quotas_in_turn(
 
     def upload(data: bytes, workspace: str = "ws-b") -> route._Upload:
         return route._Upload(workspace=workspace, sha256=hashlib.sha256(data).hexdigest(),
-                             size=len(data), content=data, filename="f.txt",
-                             content_type="text/plain", force=False,
+                             size=len(data), staged=blob_store().stage(data),
+                             filename="f.txt", content_type="text/plain", force=False,
                              request_id=f"req-{data.decode()}-{workspace}")
 
-    first, again, second, over, elsewhere = route._record_uploads(
-        [upload(b"a"), upload(b"a"), upload(b"b"), upload(b"c"), upload(b"c", "ws-o")])
+    uploads = [upload(b"a"), upload(b"a"), upload(b"b"), upload(b"c"), upload(b"c", "ws-o")]
+    first, again, second, over, elsewhere = route._record_uploads(uploads)
+    left = [u.staged for u in uploads if u.staged is not None and u.staged.exists()]
+    assert left == [uploads[1].staged, uploads[3].staged]  # the duplicate's and the refused
+    for path in left:  # (as `_accept_upload` does)
+        path.unlink()
     assert not isinstance(first, Exception) and not isinstance(again, Exception)
     assert not isinstance(second, Exception) and not isinstance(elsewhere, Exception)
     assert again[0].duplicate and (again[0].document_id, again[0].job_id) == (
