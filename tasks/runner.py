@@ -79,7 +79,8 @@ class StageContext:
 
     def finish(self, persist: Callable[[Session], bool], *, then: str | None = None) -> Handoff:
         """Run `persist` (which writes results and makes the ledger transition) in one short
-        transaction; `then` is the stage to publish after commit."""
+        transaction; `then` is the stage to publish after commit, the one `persist` moved the
+        job to with `ledger.advance` (which marks it published)."""
         with session_scope() as session:
             if not persist(session):
                 raise ClaimLost(self.claim.job_id)
@@ -329,7 +330,8 @@ def run_stage(
         heartbeat.stop()
         metrics.stage_finished(stage=stage, queue=queue, seconds=time.monotonic() - began)
     if handoff.stage is not None:
-        publish(job_id, handoff.stage)  # the same job at its next stage: it keeps its slot
+        # The same job at its next stage (it keeps its slot), marked published by `advance`.
+        publish(job_id, handoff.stage, mark=False)
         return "handed-off"
     metrics.job_outcome(kind=kind, queue=queue, state=JobState.SUCCEEDED)
     # Its slot is free (or, split into parts, it left flight and its parts are held).

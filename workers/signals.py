@@ -1,5 +1,6 @@
-"""Worker signal handlers: fresh database connections after fork, the embedding model warmed in
-the background, logging set up once, metrics files of exited children retired and a worker's own
+"""Worker signal handlers: the parser loaded once in a parse worker's main process, fresh
+database connections after fork, the embedding model warmed in the background, logging set up
+once, metrics files of exited children retired and a worker's own
 metrics port."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from celery.signals import (
     task_failure,
     task_postrun,
     task_prerun,
+    worker_init,
     worker_process_init,
     worker_process_shutdown,
     worker_ready,
@@ -32,6 +34,26 @@ log = logging.getLogger(__name__)
 _EMBEDDING_QUEUES = frozenset({"embed", "answer"})
 
 
+@worker_init.connect
+def _warm_parser(sender: Any = None, **_: Any) -> None:
+    """A parse worker's main process imports unstructured and loads what it loads lazily
+    (`pipelines.parsing.warm_up`: 4 CPU-s idle, 10 on a busy machine) before its pool forks,
+    so every pool child, the ones that replace recycled children included, inherits it. Done
+    in each child instead, every recycle (`--max-tasks-per-child`) paid it again: with 50
+    tasks per child, about 0.1 s of CPU per small document. Nothing in it starts a Python
+    thread (the unstructured telemetry thread is off: DO_NOT_TRACK, `sluice.processes`)."""
+    if sender is None or "parse" not in _consumed(sender.app):
+        return
+    from pipelines.parsing import warm_up
+    from workers import resources
+
+    warm_up(resources.tagger_path())
+
+
+def _consumed(app: Any) -> set[str]:
+    return {queue.name for queue in app.amqp.queues.consume_from.values()}
+
+
 @worker_process_init.connect
 def _after_fork(sender: Any = None, **_: Any) -> None:
     # Never share the parent's connections with a forked child. (Must return fast, or the
@@ -39,7 +61,7 @@ def _after_fork(sender: Any = None, **_: Any) -> None:
     dispose_engine(after_fork=True)
     from workers.app import app
 
-    consumed = {queue.name for queue in app.amqp.queues.consume_from.values()}
+    consumed = _consumed(app)
     if consumed & _EMBEDDING_QUEUES and "parse" not in consumed:
         threading.Thread(target=_warm_embedder, name="warm-embedder", daemon=True).start()
 
