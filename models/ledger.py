@@ -293,10 +293,9 @@ def _start_locked(
 def _begin_attempt(session: Session, job: Job, *, stage: str, worker: str, now: datetime,
                    attempt: int | None = None) -> Claim:
     attempt = job.attempt if attempt is None else attempt
-    session.add(
-        JobAttempt(job_id=job.id, workspace_id=job.workspace_id, stage=stage,
-                   attempt=attempt, worker=worker, started_at=now)
-    )
+    session.execute(_BEGIN_ATTEMPT, {"job_id": job.id, "workspace_id": job.workspace_id,
+                                     "stage": stage, "attempt": attempt, "worker": worker,
+                                     "started_at": now})
     return Claim(job_id=job.id, stage=stage, attempt=attempt, parent_id=job.parent_id,
                  parent_known=True, job=job)
 
@@ -701,7 +700,8 @@ def _end_attempt(
 
 
 _attempts = JobAttempt.__table__  # Core: with a parameter dict, an ORM update is a bulk one
-# Built once, as _APPEND_EVENT.
+# Built once, as _APPEND_EVENT (an ORM add would cost a unit-of-work flush per claim).
+_BEGIN_ATTEMPT = insert(_attempts)
 _END_ATTEMPT = (
     update(_attempts)
     .where(_attempts.c.job_id == bindparam("of_job"), _attempts.c.stage == bindparam("of_stage"),
