@@ -9,7 +9,8 @@ Two corpora: many small documents (SciFact abstracts of 40 words or more, each w
 ones (the 10-Q PDFs of ../shared/data/qa/docugami-sec-10-q).
 Each goes end to end through the real API (uvicorn), the broker and real worker processes on the
 embedded default (SQLite + filesystem broker; parse prefork 2, embed prefork 2 with one model
-thread each as in `sluice up`, answer+maintenance 1) — from the first upload to the last job
+thread each as in `sluice up`, answer+maintenance 1; pool processes recycled after as many tasks
+as `sluice up`'s: parse 50, embed 1,000) — from the first upload to the last job
 `succeeded`.
 
 The limit, measured afterwards in this process with the workers stopped (so nothing competes):
@@ -90,7 +91,7 @@ def end_to_end(files: list[Path], warm_up: list[Path], env: dict[str, str], work
 
     stacks: list[Stack] = []
     try:
-        harness.start_stacks(harness.stack_factory(env, work / "logs", stacks))
+        harness.start_stacks(_service_factory(env, work / "logs", stacks))
         with stacks[0].client() as client:
             log(f"warming the workers with {len(warm_up)} other documents")
             _ingest(client, warm_up)
@@ -117,6 +118,24 @@ def end_to_end(files: list[Path], warm_up: list[Path], env: dict[str, str], work
             "chunks_per_s": chunks / wall_s, "docs_per_s": len(files) / wall_s,
             "loadavg_during": [load_before, machine()["loadavg"]],
             "cpu_s": cpu_s, "cpu_s_total": round(sum(cpu_s.values()), 2), "_texts": texts}
+
+
+def _service_factory(env: dict[str, str], log_dir: Path,
+                     started: list[Stack]) -> Any:
+    """The harness's stacks, each worker recycling its pool processes as `sluice up`'s worker
+    for its queue does (`--max-tasks-per-child`; the tests' stacks keep Celery's configured
+    default, 200 tasks, so an embed process would reload the model within this run)."""
+    from sluice.processes import WORKER_ARGS
+
+    base = harness.stack_factory(env, log_dir, started)
+
+    def factory(**kwargs: Any) -> Stack:
+        flags = WORKER_ARGS.get(kwargs["queues"], [])
+        recycle = flags[flags.index("--max-tasks-per-child"):][:2] if (
+            "--max-tasks-per-child" in flags) else []
+        return base(**kwargs, worker_args=recycle)  # type: ignore[no-any-return]
+
+    return factory
 
 
 def _cpu_by_process(stacks: list[Stack]) -> dict[str, float]:

@@ -6,7 +6,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ class Stack:
         concurrency: int = 2,
         api: bool = True,
         beat: bool = False,
+        worker_args: Sequence[str] = (),
     ) -> None:
         self.env = {**child_env(env), "PYTHONUNBUFFERED": "1"}
         self.log_dir = log_dir
@@ -44,6 +45,7 @@ class Stack:
         self.concurrency = concurrency
         self.with_api = api
         self.with_beat = beat
+        self.worker_args = list(worker_args)  # more `celery worker` flags for every worker
         self.port = free_port()
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -77,7 +79,7 @@ class Stack:
         name it reports, as a worker on another machine would."""
         argv = worker_command(self.queues, pool_args=False, extra=[
             "--pool", "prefork", "--concurrency", str(self.concurrency),
-            "--hostname", hostname or f"{name}@%h"])
+            "--hostname", hostname or f"{name}@%h", *self.worker_args])
         self._spawn(name, argv)
 
     def wait_ready(self, timeout: float = 90) -> None:
