@@ -237,22 +237,28 @@ def start(
     the row (into the session: `session.get(Job, job_id)` reads it without a query); anything
     else reads the row locked first."""
     now = utcnow()
-    job = session.scalars(
-        update(Job)
-        .where(Job.id == job_id, Job.stage == stage, Job.state.in_(STARTABLE),
-               Job.cancel_requested.is_(False), Job.held.is_(False))
-        .values(state=JobState.RUNNING, attempt=Job.attempt + 1,
-                attempts_total=Job.attempts_total + 1, worker=worker,
-                started_at=func.coalesce(Job.started_at, now), heartbeat_at=now,
-                retry_at=None, updated_at=now)
-        .returning(Job)
-        .execution_options(populate_existing=True)
-    ).first()
+    job = session.scalars(_CLAIM, {"of_job": job_id, "of_stage": stage, "by_worker": worker,
+                                   "now": now}).first()
     if job is not None:
         _append_event(session, job_id)
         return _begin_attempt(session, job, stage=stage, worker=worker, now=now)
     return _start_locked(session, job_id=job_id, stage=stage, worker=worker,
                          stale_before=stale_before)
+
+
+_NOW = bindparam("now", type_=Job.__table__.c.updated_at.type)
+# Built once, as _APPEND_EVENT: every delivery runs it.
+_CLAIM = (
+    update(Job)
+    .where(Job.id == bindparam("of_job"), Job.stage == bindparam("of_stage"),
+           Job.state.in_(STARTABLE), Job.cancel_requested.is_(False), Job.held.is_(False))
+    .values(state=JobState.RUNNING, attempt=Job.attempt + 1,
+            attempts_total=Job.attempts_total + 1, worker=bindparam("by_worker"),
+            started_at=func.coalesce(Job.started_at, _NOW), heartbeat_at=_NOW,
+            retry_at=None, updated_at=_NOW)
+    .returning(Job)
+    .execution_options(populate_existing=True)
+)
 
 
 def _start_locked(

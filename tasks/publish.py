@@ -71,16 +71,20 @@ def job_request_id(job_id: str) -> str | None:
         return None
 
 
-def dispatch(workspace_id: str, kind: str) -> int:
+def dispatch(workspace_id: str, kind: str, *, held: bool | None = None) -> int:
     """Publish the oldest held jobs of `workspace_id` in the lane of `kind`, as many as it has
     free slots. Call it after a commit that may have freed one (a job of the lane ended, was
-    cancelled, split into held parts, or jobs were replayed held). Never raises: a dispatch
-    missed here is made by the reconciler. Returns how many were published."""
+    cancelled, split into held parts, or jobs were replayed held); `held`: whether jobs were
+    held, if that commit's transaction read it (`fairness.has_held`), else it is read here.
+    Never raises: a dispatch missed here is made by the reconciler. Returns how many were
+    published."""
     lane = fairness.lane_of(kind)
     try:
-        with read_scope() as session:
-            if not fairness.has_held(session, workspace_id=workspace_id, lane=lane):
-                return 0
+        if held is None:
+            with read_scope() as session:
+                held = fairness.has_held(session, workspace_id=workspace_id, lane=lane)
+        if not held:
+            return 0
         with session_scope() as session:
             taken = fairness.dispatch(session, workspace_id=workspace_id, lane=lane,
                                       cap=get_settings().inflight_cap(lane))

@@ -23,7 +23,7 @@ from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from models import Job, JobState, documents, ledger
+from models import Job, JobState, documents, fairness, ledger
 from models.entities import utcnow
 from pipelines.errors import PermanentError, PipelineError
 from sluice import metrics
@@ -49,12 +49,16 @@ class Handoff:
     """What to publish after the final transaction commits."""
 
     stage: str | None = None
+    held: bool | None = None
+    """Whether the job's workspace had held jobs in its lane when the job ended, read in the
+    transaction that ended it (None: not read; the runner's dispatch reads it)."""
 
 
 @dataclass
 class StageContext:
     claim: ledger.Claim
     workspace_id: str
+    kind: str
     document_id: str | None
     payload: dict[str, Any]
     _heartbeat: _Heartbeat = field(repr=False)
@@ -80,11 +84,17 @@ class StageContext:
     def finish(self, persist: Callable[[Session], bool], *, then: str | None = None) -> Handoff:
         """Run `persist` (which writes results and makes the ledger transition) in one short
         transaction; `then` is the stage to publish after commit, the one `persist` moved the
-        job to with `ledger.advance` (which marks it published)."""
+        job to with `ledger.advance` (which marks it published). A job that ends here frees its
+        slot: the same transaction reads whether held jobs wait for one, so the runner's
+        dispatch needs no transaction of its own when none do (most jobs). (On PostgreSQL a
+        job held by an upload that counted this one in flight and commits after this read
+        waits for the reconciler's dispatch, as one that commits after any read would.)"""
         with session_scope() as session:
             if not persist(session):
                 raise ClaimLost(self.claim.job_id)
-        return Handoff(stage=then)
+            held = None if then is not None else fairness.has_held(
+                session, workspace_id=self.workspace_id, lane=fairness.lane_of(self.kind))
+        return Handoff(stage=then, held=held)
 
 
 class _Heartbeat:
@@ -297,8 +307,8 @@ def run_stage(
     metrics.job_started(kind=kind, queue=queue)
     began = time.monotonic()
     heartbeat = _Heartbeat(claim, settings.heartbeat_interval_s)
-    ctx = StageContext(claim=claim, workspace_id=snapshot[0], document_id=snapshot[1],
-                       payload=snapshot[2], _heartbeat=heartbeat)
+    ctx = StageContext(claim=claim, workspace_id=snapshot[0], kind=kind,
+                       document_id=snapshot[1], payload=snapshot[2], _heartbeat=heartbeat)
     heartbeat.start()
     try:
         handoff = work(ctx)
@@ -335,5 +345,6 @@ def run_stage(
         return "handed-off"
     metrics.job_outcome(kind=kind, queue=queue, state=JobState.SUCCEEDED)
     # Its slot is free (or, split into parts, it left flight and its parts are held).
-    dispatch(ctx.workspace_id, kind)
+    if handoff.held is not False:
+        dispatch(ctx.workspace_id, kind, held=handoff.held)
     return JobState.SUCCEEDED
