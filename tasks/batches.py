@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 from typing import Any, Final
 
-from sqlalchemy import delete, func, insert, or_, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from models import Chunk, Document, DocumentStatus, Job, Stage, ledger
+from models import Chunk, Document, DocumentStatus, Job, Stage, documents, ledger
 from pipelines.errors import EmptyDocument
 from pipelines.hygiene import HygieneLimits
 from sluice.db import read_scope, session_scope
@@ -56,7 +56,7 @@ def embed(ctx: StageContext, *, document_id: str) -> Handoff:
     if total == 0:
         raise EmptyDocument("the document has no chunks to embed")
     after_id = 0
-    last_rows: list[dict[str, Any]] = []
+    last: tuple[list[int], list[Any]] | None = None
     while True:
         with read_scope() as session:
             batch = session.execute(
@@ -67,19 +67,15 @@ def embed(ctx: StageContext, *, document_id: str) -> Handoff:
             ).all()
         if not batch:
             break
-        vectors = embedder.encode([c.text for c in batch])
-        rows = [
-            {"id": c.id, "embedding": v, "embedding_model": embedder.model_name,
-             "embedding_version": version}
-            for c, v in zip(batch, vectors, strict=True)
-        ]
+        ids, vectors = [c.id for c in batch], list(embedder.encode([c.text for c in batch]))
         after_id, done = batch[-1].id, done + len(batch)
         if len(batch) < EMBED_BATCH_CHUNKS:  # the last batch: written with the outcome
-            last_rows = rows
+            last = ids, vectors
             break
         with session_scope() as session:
             ctx.guard(session)
-            session.execute(update(Chunk), rows)  # bulk UPDATE by primary key: overwrite
+            documents.set_embeddings(session, ids, vectors, model=embedder.model_name,
+                                     version=version)
         ctx.checkpoint(progress=0.4 + 0.55 * done / total)
         if time.monotonic() - started > slice_s:
             return ctx.finish(
@@ -88,13 +84,14 @@ def embed(ctx: StageContext, *, document_id: str) -> Handoff:
             )
 
     def persist(session: Session) -> bool:
-        if last_rows:
-            session.execute(update(Chunk), last_rows)
+        if last is not None:
+            documents.set_embeddings(session, *last, model=embedder.model_name,
+                                     version=version)
         session.execute(
             update(Document).where(Document.id == document_id).values(
                 status=DocumentStatus.READY, chunk_count=total, error_code=None,
                 error_message=None,
-            )
+            ).execution_options(synchronize_session=False)
         )
         return ledger.succeed(session, ctx.claim, result={"document_id": document_id,
                                                           "chunks": total})
@@ -160,7 +157,7 @@ def parse_large_text(
         if len(rows) == TEXT_INSERT_BATCH:
             with session_scope() as session:
                 ctx.guard(session)
-                session.execute(insert(Chunk), rows)
+                documents.insert_chunks(session, rows)
             rows = []
             read = slice_.next_offset or start  # (an estimate until the slice ends)
             ctx.checkpoint(progress=min(0.39, 0.4 * read / size))
@@ -169,8 +166,7 @@ def parse_large_text(
         point = {"offset": slice_.next_offset, "chunks": count}
 
         def hand_back(session: Session) -> bool:
-            if final_rows:
-                session.execute(insert(Chunk), final_rows)
+            documents.insert_chunks(session, final_rows)
             session.execute(update(Job).where(Job.id == ctx.claim.job_id).values(
                 payload={**ctx.payload, TEXT_RESUME_KEY: point},
                 progress=min(0.39, 0.4 * point["offset"] / size)))
@@ -181,8 +177,7 @@ def parse_large_text(
         raise EmptyDocument(f"{filename!r} contains no text to index")
 
     def persist(session: Session) -> bool:
-        if final_rows:
-            session.execute(insert(Chunk), final_rows)
+        documents.insert_chunks(session, final_rows)
         session.execute(
             update(Document).where(Document.id == document_id).values(
                 chunk_count=count, content_type=f"text/plain; charset={encoding}",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from celery import Task
-from sqlalchemy import delete, insert, update
+from sqlalchemy import delete, update
 from sqlalchemy.orm import Session
 
 from models import Chunk, Document, DocumentStatus, Stage, documents, ledger
@@ -75,12 +75,12 @@ def _parse(ctx: StageContext) -> Handoff:
     def persist(session: Session) -> bool:
         # Idempotent: a re-run replaces the document's chunks, never adds to them.
         session.execute(delete(Chunk).where(Chunk.document_id == document_id))
-        session.execute(insert(Chunk), rows)
+        documents.insert_chunks(session, rows)
         session.execute(
             update(Document).where(Document.id == document_id).values(
                 page_count=parsed.page_count, chunk_count=len(rows),
                 content_type=parsed.content_type or content_type,
-            )
+            ).execution_options(synchronize_session=False)
         )
         return ledger.advance(session, ctx.claim, next_stage=Stage.EMBED)
 

@@ -22,10 +22,10 @@ import logging
 from pathlib import Path
 from typing import Final
 
-from sqlalchemy import delete, insert, update
+from sqlalchemy import delete, update
 from sqlalchemy.orm import Session
 
-from models import Chunk, Document, DocumentStatus, Job, ledger
+from models import Chunk, Document, DocumentStatus, Job, documents, ledger
 from pipelines.errors import PermanentError
 from pipelines.pdfparts import MAX_PARTS, PageRange, count_pages, looks_like_pdf, parse_pages, plan
 from sluice.db import session_scope
@@ -133,7 +133,7 @@ def parse_part(ctx: StageContext) -> Handoff:
             Chunk.document_id == document_id, Chunk.ord >= base,
             Chunk.ord < base + PART_ORD_STRIDE))
         if rows:
-            session.execute(insert(Chunk), rows)
+            documents.insert_chunks(session, rows)
         counted = ledger.succeed_part(session, ctx.claim, result={
             "document_id": document_id, "pages": [pages.first, pages.last],
             "chunks": len(rows)})
