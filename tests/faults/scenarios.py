@@ -164,13 +164,17 @@ def hard_time_limit(stack: StackFactory, env: dict[str, str], *, docs: int, tmp:
 def sigterm_mid_task(stack: StackFactory, env: dict[str, str], *, docs: int, tmp: Path,
                      monkeypatch) -> Outcome:  # type: ignore[no-untyped-def]
     """SIGTERM a worker while it runs a task: the task is handed back and finishes on the other
-    worker."""
+    worker. The task is a long document's embed stage (~300 chunks: seconds, well past the
+    soft-shutdown grace of FAST_CLOCKS), so the signal lands mid-task whatever the machine's
+    speed; a small document's stages end within the grace and are never interrupted."""
     env = _configure(monkeypatch, env)
     s = stack(env, workers=2, concurrency=1, beat=True)
     files = make_corpus(tmp / "corpus", docs)
+    long_doc = tmp / "long.txt"
+    long_doc.write_text("\n\n".join(p.read_text() for p in make_corpus(tmp / "long", 110)))
     started = time.monotonic()
-    job_ids = submit(s, files)
-    victim = _wait_running_worker(job_ids)
+    job_ids = submit(s, [long_doc, *files])
+    victim = _wait_running_worker(job_ids[:1], stage="embed")
     s.signal(victim, signal.SIGTERM)
     states = drain(job_ids, timeout=120 + docs * 2)
     outcome = tally("sigterm_mid_task", job_ids, states, started)
@@ -229,13 +233,16 @@ def _wait_some_done(job_ids: list[str], *, fraction: float, timeout: float = 120
         time.sleep(0.2)
 
 
-def _wait_running_worker(job_ids: list[str], timeout: float = 60) -> str:
-    """The name of a worker (`worker0`/`worker1`) running one of the jobs now."""
+def _wait_running_worker(job_ids: list[str], *, stage: str | None = None,
+                         timeout: float = 60) -> str:
+    """The name of a worker (`worker0`/`worker1`) running one of the jobs now (at `stage`,
+    if given)."""
     deadline = time.monotonic() + timeout
+    at_stage = [] if stage is None else [Job.stage == stage]
     while time.monotonic() < deadline:
         with session_scope() as session:
             worker = session.scalar(select(Job.worker).where(
-                Job.id.in_(job_ids), Job.state == "running").limit(1))
+                Job.id.in_(job_ids), Job.state == "running", *at_stage).limit(1))
         if worker:
             return worker.split("@", 1)[0] if "@" in worker else "worker0"
         time.sleep(0.05)
