@@ -133,10 +133,9 @@ def insert_jobs(session: Session, jobs: Sequence[NewJob]) -> None:
                      published=j.published)
             for j in jobs]
     session.execute(_INSERT_JOB, rows)
-    session.execute(_INSERT_EVENT, [
-        {"job_id": r["id"], "workspace_id": r["workspace_id"], "kind": r["kind"],
-         "state": r["state"], "stage": r["stage"], "progress": 0.0, "error_code": None,
-         "error_message": None, "created_at": r["created_at"]} for r in rows])
+    session.execute(_INSERT_EVENT, [  # what _APPEND_EVENT copies from a job's row
+        {"job_id": r["id"], "created_at": r["created_at"],
+         **{c: r.get(c) for c in _EVENT_COLUMNS}} for r in rows])
 
 
 def _new_job(
@@ -151,7 +150,7 @@ def _new_job(
     return {
         "id": job_id, "workspace_id": workspace_id, "kind": kind, "stage": stage,
         "document_id": document_id, "payload": payload or {}, "request_id": request_id,
-        "parent_id": parent_id, "state": JobState.QUEUED, "held": held,
+        "parent_id": parent_id, "state": JobState.QUEUED, "progress": 0.0, "held": held,
         "published_at": now if published else None, "created_at": now, "updated_at": now,
     }
 

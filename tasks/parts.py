@@ -81,10 +81,10 @@ def split_if_large(
             page_count=pages, status=DocumentStatus.PROCESSING))
         return True
 
-    ctx.finish(persist)
+    handoff = ctx.finish(persist)  # (held parts: the runner dispatches them)
     log.info("job %s: %r has %d pages, split into %d parts of up to %d pages",
              ctx.claim.job_id, filename, pages, len(ranges), ranges[0].last)
-    return Handoff()  # the runner dispatches the held parts
+    return handoff
 
 
 def parse_part(ctx: StageContext) -> Handoff:
@@ -132,8 +132,7 @@ def parse_part(ctx: StageContext) -> Handoff:
         session.execute(delete(Chunk).where(
             Chunk.document_id == document_id, Chunk.ord >= base,
             Chunk.ord < base + PART_ORD_STRIDE))
-        if rows:
-            documents.insert_chunks(session, rows)
+        documents.insert_chunks(session, rows)
         counted = ledger.succeed_part(session, ctx.claim, result={
             "document_id": document_id, "pages": [pages.first, pages.last],
             "chunks": len(rows)})
@@ -142,14 +141,14 @@ def parse_part(ctx: StageContext) -> Handoff:
         fan_in.append(counted)
         return True
 
-    ctx.finish(persist)
+    handoff = ctx.finish(persist)
     counted = fan_in[0]
     log.info("job %s: %s of %r parsed into %d chunks (%d of %d parts done, %d failed)",
              ctx.claim.job_id, pages.label, filename, len(rows), counted.done, counted.total,
              counted.failed)
     if counted.released is not None:
         publish(counted.parent_id, counted.released)
-    return Handoff()
+    return handoff
 
 
 def _not_held(session: Session, ctx: StageContext) -> bool:

@@ -92,7 +92,7 @@ async def upload_document(
 
 async def _read_small(upload: MultipartUpload, *, limit: int) -> bytes:
     """A small body's file, whole: checked against the quotas, and stored once it fits, in
-    the upload's transaction (`_record_upload`)."""
+    the upload's transaction (`_record_uploads`)."""
     chunks, size = [], 0
     async for chunk in upload.file_chunks():
         size += len(chunk)
