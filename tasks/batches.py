@@ -52,13 +52,16 @@ def embed(ctx: StageContext, *, document_id: str) -> Handoff:
     version = embedder.model_version
     slice_s = settings.embed_slice_s
     started = time.monotonic()
-    total, done = _embed_counts(document_id, version)
-    if total == 0:
-        raise EmptyDocument("the document has no chunks to embed")
-    after_id = 0
+    total = done = after_id = 0
+    counted = False
     last: tuple[list[int], list[Any]] | None = None
     while True:
         with read_scope() as session:
+            if not counted:  # the first batch's transaction reads the counts too
+                total, done = _embed_counts(session, document_id, version)
+                counted = True
+                if total == 0:
+                    raise EmptyDocument("the document has no chunks to embed")
             batch = session.execute(
                 select(Chunk.id, Chunk.text)
                 .where(Chunk.document_id == document_id, Chunk.id > after_id,
@@ -104,15 +107,12 @@ def _needs_embedding(version: str) -> Any:
                Chunk.embedding_version != version)
 
 
-def _embed_counts(document_id: str, version: str) -> tuple[int, int]:
-    """(chunks of the document, chunks already embedded by `version`)."""
-    with read_scope() as session:
-        total = session.scalar(select(func.count()).select_from(Chunk)
-                               .where(Chunk.document_id == document_id)) or 0
-        pending = session.scalar(select(func.count()).select_from(Chunk)
-                                 .where(Chunk.document_id == document_id,
-                                        _needs_embedding(version))) or 0
-    return total, total - pending
+def _embed_counts(session: Session, document_id: str, version: str) -> tuple[int, int]:
+    """(chunks of the document, chunks already embedded by `version`), in one statement."""
+    total, pending = session.execute(
+        select(func.count(), func.count().filter(_needs_embedding(version)))
+        .select_from(Chunk).where(Chunk.document_id == document_id)).one()
+    return int(total), int(total) - int(pending)
 
 
 # Large plain text -------------------------------------------------------------------------------
