@@ -15,13 +15,18 @@ this file as its Celery app module (`celery -A overhead`, the project's `workers
 the two bench tasks added). The bare task (`sluice.bench.bare_noop`, sent by
 `app.send_task(name, args=[n])`) only appends its start and end times to a file.
 
-Per setup, with one worker (prefork, --concurrency, default the CPU count) on queue `answer`:
+Per setup, with one worker on queue `answer`, run as `sluice up` runs that queue's worker
+(threads, 4; --pool prefork --concurrency 2 for a process pool):
 
 - throughput: --jobs no-ops enqueued by one producer as fast as it can while the worker runs;
   jobs/s = jobs / (last end - first enqueue); enqueue/s = jobs / time spent enqueueing;
-- latency at low load: --latency-jobs no-ops at --rate a second; enqueue-to-start = from just
-  before the producer creates the job (bare: sends the task) to the start of the task body
-  (Sluice: the job's `started_at` in the ledger, written by the claim), p50 / p99.
+- latency at low load: after the throughput rounds and a pause of SETTLE_S (the database and
+  the worker finish what the bursts left them), --latency-jobs no-ops of each path at --rate a
+  second, in blocks of LATENCY_BLOCK, bare and Sluice alternating; enqueue-to-start = from
+  just before the producer creates the job (bare: sends the task) to the start of the task
+  body (Sluice: the job's `started_at` in the ledger, written by the claim), p50 / p99.
+  (Measured right after each drain instead, as until 2026-11-21, the first seconds carried
+  the bursts' tail: up to 4 s for Sluice, 274 ms for bare Celery.)
 
 Targets: Sluice >= 0.5 of bare Celery's jobs/s; p99 enqueue-to-start < 50 ms at low load on
 Redis (the filesystem broker polls every SLUICE_BROKER_POLLING_INTERVAL_S, 0.02 s).
@@ -33,6 +38,7 @@ import os
 import socket
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -51,6 +57,8 @@ NOOP_TASK = "sluice.bench.noop"
 BARE_TASK = "sluice.bench.bare_noop"
 QUEUE = names.QUEUE_ANSWER
 OUT_ENV = "BENCH_OVERHEAD_DIR"
+SETTLE_S = 3.0
+LATENCY_BLOCK = 50
 WORKSPACE = "bench-overhead"
 
 # The no-op stage in the project's own tables, so `publish` and `run_stage` run unchanged
@@ -72,16 +80,18 @@ def _no_work(ctx: StageContext) -> Handoff:
 
 
 _record_file: Any = None
+_record_lock = threading.Lock()  # a threads pool's tasks share the file
 
 
 @app.task(name=BARE_TASK)
 def bare_noop(seq: int) -> None:
     global _record_file
     started = time.time()
-    if _record_file is None:
-        _record_file = open(Path(os.environ[OUT_ENV]) / f"bare-{os.getpid()}.log", "a",  # noqa: SIM115
-                            buffering=1)
-    _record_file.write(f"{seq} {started!r} {time.time()!r}\n")
+    with _record_lock:
+        if _record_file is None:
+            _record_file = open(Path(os.environ[OUT_ENV]) / f"bare-{os.getpid()}.log",  # noqa: SIM115
+                                "a", buffering=1)
+        _record_file.write(f"{seq} {started!r} {time.time()!r}\n")
 
 
 # The bench (this process) ---------------------------------------------------------------------
@@ -116,7 +126,10 @@ def main() -> int:  # noqa: PLR0915
                         help="no-ops at --rate, spread over the rounds")
     parser.add_argument("--rate", type=float, default=20.0, help="jobs/s of the latency phase")
     parser.add_argument("--warmup", type=int, default=50)
-    parser.add_argument("--concurrency", type=int, default=os.cpu_count() or 2)
+    pool, concurrency = _answer_pool()
+    parser.add_argument("--pool", choices=("prefork", "threads"), default=pool,
+                        help=f"the worker's pool (default {pool}, as sluice up runs the queue)")
+    parser.add_argument("--concurrency", type=int, default=concurrency)
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="a setting for this process and the worker, e.g. "
                              "SLUICE_BROKER_POLLING_INTERVAL_S=0.1")
@@ -149,7 +162,7 @@ def main() -> int:  # noqa: PLR0915
                 pg.close()
 
     print()
-    print(f"No-op jobs: Sluice's job path vs bare Celery, one worker (prefork "
+    print(f"No-op jobs: Sluice's job path vs bare Celery, one worker ({args.pool} "
           f"{args.concurrency}), queue {QUEUE}; {args.rounds} rounds, bare and Sluice "
           f"alternating, each with {args.jobs} jobs enqueued by one producer as fast as it can, "
           f"then {args.jobs} drained from a backlog (rates: median of the rounds); latency over "
@@ -177,8 +190,16 @@ def main() -> int:  # noqa: PLR0915
     print_json({"setups": results, "jobs": args.jobs, "rounds": args.rounds,
                 "latency_jobs": args.latency_jobs,
                 "settings": dict(item.split("=", 1) for item in args.env),
-                "rate": args.rate, "concurrency": args.concurrency, **machine()})
+                "rate": args.rate, "pool": args.pool, "concurrency": args.concurrency, **machine()})
     return 0
+
+
+def _answer_pool() -> tuple[str, int]:
+    """The pool and concurrency `sluice up` gives the answer queue's worker."""
+    from sluice.processes import WORKER_ARGS
+
+    flags = WORKER_ARGS[QUEUE]
+    return flags[flags.index("--pool") + 1], int(flags[flags.index("--concurrency") + 1])
 
 
 def run_setup(setup: str, *, env: dict[str, str], work: Path, args: Any,
@@ -196,7 +217,7 @@ def run_setup(setup: str, *, env: dict[str, str], work: Path, args: Any,
     with session_scope() as session:
         session.add(Workspace(id=WORKSPACE))
     argv = worker_command(QUEUE, pool_args=False, extra=[
-        "--pool", "prefork", "--concurrency", str(args.concurrency)])
+        "--pool", args.pool, "--concurrency", str(args.concurrency)])
     argv[argv.index("workers.app")] = "overhead"
     hostname = f"bench-overhead-{run_id}@{socket.gethostname()}"
     argv[argv.index("--hostname") + 1] = hostname
@@ -236,8 +257,6 @@ def run_setup(setup: str, *, env: dict[str, str], work: Path, args: Any,
         # Rounds, bare and Sluice alternating (each round starts with the other one): a load
         # that comes and goes on the machine falls on both alike.
         rounds: list[dict[str, dict[str, Any]]] = []
-        slow: dict[str, Timings] = {"bare": [], "sluice": []}
-        per_round_slow = max(1, args.latency_jobs // args.rounds)
         for r in range(args.rounds):
             this: dict[str, dict[str, Any]] = {}
             for path in (("bare", "sluice") if r % 2 == 0 else ("sluice", "bare")):
@@ -248,10 +267,17 @@ def run_setup(setup: str, *, env: dict[str, str], work: Path, args: Any,
                 backlog = enqueue(args.jobs, rate=None)
                 _consume(hostname, on=True)
                 drained = wait(backlog)
-                slow[path] += wait(enqueue(per_round_slow, rate=args.rate))
                 this[path] = _rates(burst, drained)
             rounds.append(this)
             log(f"{setup}: round {r + 1}: {this}")
+        log(f"{setup}: latency at {args.rate:g}/s")
+        time.sleep(SETTLE_S)
+        slow: dict[str, Timings] = {"bare": [], "sluice": []}
+        for block, first in enumerate(range(0, args.latency_jobs, LATENCY_BLOCK)):
+            for path in (("bare", "sluice") if block % 2 == 0 else ("sluice", "bare")):
+                enqueue, wait = paths[path]
+                n = min(LATENCY_BLOCK, args.latency_jobs - first)
+                slow[path] += wait(enqueue(n, rate=args.rate))
         figures: dict[str, Any] = {"setup": setup}
         for path in ("bare", "sluice"):
             figures[path] = {
