@@ -20,13 +20,14 @@ Per setup, with one worker on queue `answer`, run as `sluice up` runs that queue
 
 - throughput: --jobs no-ops enqueued by one producer as fast as it can while the worker runs;
   jobs/s = jobs / (last end - first enqueue); enqueue/s = jobs / time spent enqueueing;
-- latency at low load: after the throughput rounds and a pause of SETTLE_S (the database and
-  the worker finish what the bursts left them), --latency-jobs no-ops of each path at --rate a
-  second, in blocks of LATENCY_BLOCK, bare and Sluice alternating; enqueue-to-start = from
-  just before the producer creates the job (bare: sends the task) to the start of the task
-  body (Sluice: the job's `started_at` in the ledger, written by the claim), p50 / p99.
-  (Measured right after each drain instead, as until 2026-11-21, the first seconds carried
-  the bursts' tail: up to 4 s for Sluice, 274 ms for bare Celery.)
+- latency at low load: first, after the warm-up and a pause of SETTLE_S, before any burst
+  (the bursts leave the database seconds of background work: a vacuum, a checkpoint),
+  --latency-jobs no-ops of each path at --rate a second, in blocks of LATENCY_BLOCK, bare and
+  Sluice alternating; enqueue-to-start = from just before the producer creates the job (bare:
+  sends the task) to the start of the task body (Sluice: the job's `started_at` in the
+  ledger, written by the claim), p50 / p99. (Measured right after each drain instead, as
+  until 2026-11-21, the first seconds carried the bursts' tail: up to 4 s for Sluice, 274 ms
+  for bare Celery.)
 
 Targets: Sluice >= 0.5 of bare Celery's jobs/s; p99 enqueue-to-start < 50 ms at low load on
 Redis (the filesystem broker polls every SLUICE_BROKER_POLLING_INTERVAL_S, 0.02 s).
@@ -254,6 +255,14 @@ def run_setup(setup: str, *, env: dict[str, str], work: Path, args: Any,
                  "sluice": (sluice, _wait_sluice)}
         for enqueue, wait in paths.values():
             wait(enqueue(args.warmup, rate=None))
+        log(f"{setup}: latency at {args.rate:g}/s")
+        time.sleep(SETTLE_S)
+        slow: dict[str, Timings] = {"bare": [], "sluice": []}
+        for block, first in enumerate(range(0, args.latency_jobs, LATENCY_BLOCK)):
+            for path in (("bare", "sluice") if block % 2 == 0 else ("sluice", "bare")):
+                enqueue, wait = paths[path]
+                n = min(LATENCY_BLOCK, args.latency_jobs - first)
+                slow[path] += wait(enqueue(n, rate=args.rate))
         # Rounds, bare and Sluice alternating (each round starts with the other one): a load
         # that comes and goes on the machine falls on both alike.
         rounds: list[dict[str, dict[str, Any]]] = []
@@ -270,14 +279,6 @@ def run_setup(setup: str, *, env: dict[str, str], work: Path, args: Any,
                 this[path] = _rates(burst, drained)
             rounds.append(this)
             log(f"{setup}: round {r + 1}: {this}")
-        log(f"{setup}: latency at {args.rate:g}/s")
-        time.sleep(SETTLE_S)
-        slow: dict[str, Timings] = {"bare": [], "sluice": []}
-        for block, first in enumerate(range(0, args.latency_jobs, LATENCY_BLOCK)):
-            for path in (("bare", "sluice") if block % 2 == 0 else ("sluice", "bare")):
-                enqueue, wait = paths[path]
-                n = min(LATENCY_BLOCK, args.latency_jobs - first)
-                slow[path] += wait(enqueue(n, rate=args.rate))
         figures: dict[str, Any] = {"setup": setup}
         for path in ("bare", "sluice"):
             figures[path] = {
