@@ -1,5 +1,5 @@
 """Sentence embeddings with a lazily loaded model: sentence-transformers (``torch``), or the
-same forward pass in onnxruntime (``onnx``: equal vectors, ~1.8x the throughput on CPU; see
+same forward pass in onnxruntime (``onnx``: equal vectors, faster on CPU; see
 ``pipelines.onnx_encoder``).
 
 The model is loaded on the first call that needs it, in the process that calls it (never at

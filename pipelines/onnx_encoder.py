@@ -1,6 +1,6 @@
 """The workers' embedding forward pass on onnxruntime: the same vectors as sentence-transformers,
-about 1.8x faster on this CPU (MACHINE-FACTS.md: 363 vs 207 short texts/s; measured again in
-``bench/ingest.py``).
+faster on this CPU (MACHINE-FACTS.md: 363 vs 207 short texts/s; on SciFact chunks, idle, 50 vs
+44 chunks/s, each at its best batch size; ``bench/ingest.py`` measures both in every run).
 
 Tokenisation, pooling and normalisation are :class:`~pipelines.query_encoder.NumpyQueryEncoder`'s
 (which mirror sentence-transformers); only ``BertModel``'s forward pass runs in onnxruntime,
@@ -29,9 +29,9 @@ _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 _OPSET = 17
 _ATTENTION = "eager"
 """The attention the graph is exported from: transformers' plain matmul-softmax-matmul, not
-its default ``sdpa``, whose exported form (masks built with ``Where``, a scaled-dot-product
-decomposition) runs about 10% slower in onnxruntime on this CPU (885 SciFact chunks, one
-thread, batch 1: 29-31 ms of CPU a chunk against 33-34). The vectors are the same to ~2e-7."""
+its default ``sdpa``, whose exported graph ran ~9% slower in onnxruntime on this CPU (588
+SciFact chunks, one thread, batch 1, three alternating runs: 29.4 against 32.3 ms of CPU a
+chunk). The vectors are the same to ~2e-7."""
 
 
 class OnnxEncoder(NumpyQueryEncoder):
