@@ -21,10 +21,11 @@ worker or the length of a task.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import Row, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from models import Chunk, Document, DocumentStatus, Job, Stage, documents, ledger
@@ -52,26 +53,15 @@ def embed(ctx: StageContext, *, document_id: str) -> Handoff:
     version = embedder.model_version
     slice_s = settings.embed_slice_s
     started = time.monotonic()
-    total = done = after_id = 0
-    counted = False
+    with read_scope() as session:  # the counts and the first batch in one read transaction
+        total, done = _embed_counts(session, document_id, version)
+        batch = _pending_batch(session, document_id, version, after_id=0)
+    if total == 0:
+        raise EmptyDocument("the document has no chunks to embed")
     last: tuple[list[int], list[Any]] | None = None
-    while True:
-        with read_scope() as session:
-            if not counted:  # the first batch's transaction reads the counts too
-                total, done = _embed_counts(session, document_id, version)
-                counted = True
-                if total == 0:
-                    raise EmptyDocument("the document has no chunks to embed")
-            batch = session.execute(
-                select(Chunk.id, Chunk.text)
-                .where(Chunk.document_id == document_id, Chunk.id > after_id,
-                       _needs_embedding(version))
-                .order_by(Chunk.id).limit(EMBED_BATCH_CHUNKS)
-            ).all()
-        if not batch:
-            break
+    while batch:
         ids, vectors = [c.id for c in batch], list(embedder.encode([c.text for c in batch]))
-        after_id, done = batch[-1].id, done + len(batch)
+        done += len(batch)
         if len(batch) < EMBED_BATCH_CHUNKS:  # the last batch: written with the outcome
             last = ids, vectors
             break
@@ -85,6 +75,8 @@ def embed(ctx: StageContext, *, document_id: str) -> Handoff:
                 lambda session: ledger.advance(session, ctx.claim, next_stage=Stage.EMBED),
                 then=Stage.EMBED,
             )
+        with read_scope() as session:
+            batch = _pending_batch(session, document_id, version, after_id=ids[-1])
 
     def persist(session: Session) -> bool:
         if last is not None:
@@ -105,6 +97,16 @@ def embed(ctx: StageContext, *, document_id: str) -> Handoff:
 def _needs_embedding(version: str) -> Any:
     return or_(Chunk.embedding.is_(None), Chunk.embedding_version.is_(None),
                Chunk.embedding_version != version)
+
+
+def _pending_batch(session: Session, document_id: str, version: str, *, after_id: int
+                   ) -> Sequence[Row[tuple[int, str]]]:
+    """The next chunks (id, text) after `after_id` that `version` has not embedded."""
+    return session.execute(
+        select(Chunk.id, Chunk.text)
+        .where(Chunk.document_id == document_id, Chunk.id > after_id, _needs_embedding(version))
+        .order_by(Chunk.id).limit(EMBED_BATCH_CHUNKS)
+    ).all()
 
 
 def _embed_counts(session: Session, document_id: str, version: str) -> tuple[int, int]:
