@@ -45,6 +45,15 @@ def log(line: str) -> None:
     print(f"[{time.strftime('%X')}] {line}", file=sys.stderr, flush=True)
 
 
+def worker_flag(queue: str, flag: str) -> str | None:
+    """The value `sluice up` gives `flag` (e.g. "--pool") on `queue`'s worker
+    (`sluice.processes.WORKER_ARGS`), or None where it gives none."""
+    from sluice.processes import WORKER_ARGS
+
+    flags = WORKER_ARGS.get(queue, [])
+    return flags[flags.index(flag) + 1] if flag in flags else None
+
+
 def machine() -> dict[str, Any]:
     """CPU count and load average, printed beside every timing (a busy machine is slower)."""
     return {"cpus": os.cpu_count(), "loadavg": [round(x, 2) for x in os.getloadavg()]}

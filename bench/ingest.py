@@ -42,7 +42,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench._common import log, machine, print_json, table  # noqa: E402
+from bench._common import log, machine, print_json, table, worker_flag  # noqa: E402
 from tests import corpus_harness as harness  # noqa: E402
 from tests.faults.harness import make_corpus  # noqa: E402
 from tests.stack import FINAL, Stack  # noqa: E402
@@ -129,14 +129,11 @@ def _service_factory(env: dict[str, str], log_dir: Path,
     """The harness's stacks, each worker recycling its pool processes as `sluice up`'s worker
     for its queue does (`--max-tasks-per-child`; the tests' stacks keep Celery's configured
     default, 200 tasks, so an embed process would reload the model within this run)."""
-    from sluice.processes import WORKER_ARGS
-
     base = harness.stack_factory(env, log_dir, started)
 
     def factory(**kwargs: Any) -> Stack:
-        flags = WORKER_ARGS.get(kwargs["queues"], [])
-        recycle = flags[flags.index("--max-tasks-per-child"):][:2] if (
-            "--max-tasks-per-child" in flags) else []
+        tasks = worker_flag(kwargs["queues"], "--max-tasks-per-child")
+        recycle = [] if tasks is None else ["--max-tasks-per-child", tasks]
         return base(**kwargs, worker_args=recycle)  # type: ignore[no-any-return]
 
     return factory

@@ -25,9 +25,7 @@ Per setup, with one worker on queue `answer`, run as `sluice up` runs that queue
   --latency-jobs no-ops of each path at --rate a second, in blocks of LATENCY_BLOCK, bare and
   Sluice alternating; enqueue-to-start = from just before the producer creates the job (bare:
   sends the task) to the start of the task body (Sluice: the job's `started_at` in the
-  ledger, written by the claim), p50 / p99. (Measured right after each drain instead, as
-  until 2026-11-21, the first seconds carried the bursts' tail: up to 4 s for Sluice, 274 ms
-  for bare Celery.)
+  ledger, written by the claim), p50 / p99.
 
 Targets: Sluice >= 0.5 of bare Celery's jobs/s; p99 enqueue-to-start < 50 ms at low load on
 Redis (the filesystem broker polls every SLUICE_BROKER_POLLING_INTERVAL_S, 0.02 s).
@@ -113,6 +111,7 @@ def main() -> int:  # noqa: PLR0915
         redis_prefix,
         table,
         workdir,
+        worker_flag,
     )
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
@@ -127,10 +126,10 @@ def main() -> int:  # noqa: PLR0915
                         help="no-ops at --rate, spread over the rounds")
     parser.add_argument("--rate", type=float, default=20.0, help="jobs/s of the latency phase")
     parser.add_argument("--warmup", type=int, default=50)
-    pool, concurrency = _answer_pool()
+    pool, concurrency = worker_flag(QUEUE, "--pool"), worker_flag(QUEUE, "--concurrency")
     parser.add_argument("--pool", choices=("prefork", "threads"), default=pool,
                         help=f"the worker's pool (default {pool}, as sluice up runs the queue)")
-    parser.add_argument("--concurrency", type=int, default=concurrency)
+    parser.add_argument("--concurrency", type=int, default=int(concurrency or 2))
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="a setting for this process and the worker, e.g. "
                              "SLUICE_BROKER_POLLING_INTERVAL_S=0.1")
@@ -193,14 +192,6 @@ def main() -> int:  # noqa: PLR0915
                 "settings": dict(item.split("=", 1) for item in args.env),
                 "rate": args.rate, "pool": args.pool, "concurrency": args.concurrency, **machine()})
     return 0
-
-
-def _answer_pool() -> tuple[str, int]:
-    """The pool and concurrency `sluice up` gives the answer queue's worker."""
-    from sluice.processes import WORKER_ARGS
-
-    flags = WORKER_ARGS[QUEUE]
-    return flags[flags.index("--pool") + 1], int(flags[flags.index("--concurrency") + 1])
 
 
 def run_setup(setup: str, *, env: dict[str, str], work: Path, args: Any,
