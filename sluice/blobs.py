@@ -35,6 +35,7 @@ class StoredBlob:
 class BlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._incoming_made = False
 
     def path_for(self, workspace_id: str, sha256: str) -> Path:
         if not _WORKSPACE_RE.match(workspace_id) or not re.fullmatch(r"[0-9a-f]{64}", sha256):
@@ -75,15 +76,24 @@ class BlobStore:
         return Path(tmp_name)
 
     def place(self, tmp: Path, workspace_id: str, sha256: str) -> Path:
-        """Rename a complete temporary file into place: a blob is never seen half-written."""
+        """Rename a complete temporary file into place: a blob is never seen half-written.
+        (Its directory is made only when the rename finds it missing: on a small upload's
+        path every file-system call counts, ~0.05-0.3 ms each on this kind of disk.)"""
         final = self.path_for(workspace_id, sha256)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except FileNotFoundError:
+            if not tmp.exists():
+                raise
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, final)
         return final
 
     def _incoming(self) -> Path:
         incoming = self.root / ".incoming"
-        incoming.mkdir(parents=True, exist_ok=True)
+        if not self._incoming_made:  # (nothing removes it)
+            incoming.mkdir(parents=True, exist_ok=True)
+            self._incoming_made = True
         return incoming
 
     def delete(self, workspace_id: str, sha256: str) -> None:

@@ -240,7 +240,7 @@ def test_uploads_recorded_in_one_batch_meet_the_quotas_in_turn(
     first, again, second, over, elsewhere = route._record_uploads(uploads)
     left = [u.staged for u in uploads if u.staged is not None and u.staged.exists()]
     assert left == [uploads[1].staged, uploads[3].staged]  # the duplicate's and the refused
-    for path in left:  # (as `_accept_upload` does)
+    for path in left:  # (as `_record_and_publish` does)
         path.unlink()
     assert not isinstance(first, Exception) and not isinstance(again, Exception)
     assert not isinstance(second, Exception) and not isinstance(elsewhere, Exception)
