@@ -7,11 +7,13 @@ shares its parent's connections.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 from sluice.settings import get_settings
@@ -35,10 +37,41 @@ def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
 
 
+PING_AFTER_IDLE_S = 2.0
+"""A PostgreSQL connection that waited in the pool longer than this is pinged before it is
+used; one returned more recently is trusted. SQLAlchemy's `pool_pre_ping` pings on every
+checkout: one round trip more for every transaction (a no-op job makes two, of ~13), which
+under load cost Sluice's job path ~25% of its throughput (bench/overhead.py). If the server
+went away within the window, the first statement fails instead: SQLAlchemy sees a disconnect
+and drops every pooled connection, and the task's attempt is retried as
+`database_unavailable`, as when the server goes away mid-transaction."""
+
+
+def _with_idle_ping(engine: Engine) -> Engine:
+    """Ping a connection on checkout only when it was idle longer than `PING_AFTER_IDLE_S`
+    (a failed ping: SQLAlchemy replaces the connection and tries again)."""
+
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(_dbapi_conn: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        idle_since = record.info.get("idle_since")
+        if idle_since is not None and time.monotonic() - idle_since < PING_AFTER_IDLE_S:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_conn)
+        except engine.dialect.loaded_dbapi.Error as exc:
+            raise DisconnectionError(f"ping before use failed: {exc}") from exc
+
+    return engine
+
+
 def make_engine(url: str) -> Engine:
     """An engine for `url`. SQLite gets the sqlite-vec extension, WAL and BEGIN IMMEDIATE."""
     if not is_sqlite(url):
-        return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+        return _with_idle_ping(create_engine(url, pool_size=5, max_overflow=5))
 
     import pysqlite3.dbapi2 as sqlite3  # built-in sqlite3 here cannot load extensions
     import sqlite_vec
