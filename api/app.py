@@ -18,6 +18,10 @@ AUTH_RESPONSES: dict[int | str, dict[str, object]] = {
     429: {"model": ErrorBody, "description": "`rate_limited` or a quota; see Retry-After",
           "headers": {"Retry-After": {"schema": {"type": "integer"},
                                       "description": "Seconds to wait"}}},
+    503: {"model": ErrorBody,
+          "description": "`database_unavailable`: nothing was recorded; try again",
+          "headers": {"Retry-After": {"schema": {"type": "integer"},
+                                      "description": "Seconds to wait"}}},
 }
 
 

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.quotas import QuotaExceeded
+
+log = logging.getLogger(__name__)
+
+DATABASE_RETRY_AFTER_S = 2
 
 
 class ApiError(Exception):
@@ -56,6 +63,19 @@ def install(app: FastAPI) -> None:
         )
         return JSONResponse(_body("validation_error", problems or "invalid request"),
                             status_code=422)
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    async def _database(request: Request, exc: OperationalError | InterfaceError
+                        ) -> JSONResponse:
+        # The database went away (restarted, failed over, unreachable) or is locked: nothing
+        # was recorded (the transaction rolled back), and trying again is the fix.
+        log.warning("%s %s: database unavailable: %s", request.method, request.url.path,
+                    exc.orig if exc.orig is not None else exc)
+        return JSONResponse(
+            _body("database_unavailable",
+                  "the database is unavailable; nothing was recorded, try again"),
+            status_code=503, headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)})
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

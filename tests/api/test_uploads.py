@@ -259,3 +259,35 @@ def test_uploads_recorded_in_one_batch_meet_the_quotas_in_turn(
     stored = sorted(p.relative_to(p.parents[2]).parts[0] + ":" + p.read_text()
                     for p in _stored_files(sluice_env))
     assert stored == ["ws-b:a", "ws-b:b", "ws-o:c"]  # the refused upload stored nothing
+
+
+def test_an_upload_when_the_database_connection_died_is_503_then_the_next_succeeds(
+    pg_env: dict[str, str], pg_url: str
+) -> None:
+    """PostgreSQL kills the API's connections (a restart, a failover) just after they were
+    used: the next upload's statement fails, is answered `503 database_unavailable` with
+    nothing recorded, and the one after it gets a fresh connection and succeeds."""
+    from sqlalchemy import create_engine, text
+
+    from api.app import create_app
+
+    with TestClient(create_app()) as c:
+        first = c.post("/v1/documents", files={"file": ("a.txt", b"alpha " * 20, "text/plain")})
+        assert first.status_code == 202
+        admin = create_engine(pg_url)
+        try:
+            with admin.begin() as conn:
+                killed = conn.execute(text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()")).scalar()
+        finally:
+            admin.dispose()
+        assert killed
+        refused = c.post("/v1/documents",
+                         files={"file": ("b.txt", b"bravo " * 20, "text/plain")})
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "database_unavailable"
+        assert refused.headers["Retry-After"] == "2"
+        again = c.post("/v1/documents", files={"file": ("b.txt", b"bravo " * 20, "text/plain")})
+        assert again.status_code == 202
+    assert _rows() == (2, 2)  # alpha and the retried bravo; the refused try left nothing
