@@ -165,8 +165,15 @@ def _record_and_publish(uploads: Sequence[_Upload]) -> list[UploadAccepted | Exc
             if upload.staged is not None and not _is_new(results[i] if results else None):
                 upload.staged.unlink(missing_ok=True)
     for upload, result in zip(uploads, results, strict=True):
-        if _is_new(result):
+        if not _is_new(result):
+            continue
+        try:
             _publish_or_hold(upload, result[0].job_id, result[1])
+        except Exception:  # recorded, so accepted all the same: the reconciler republishes
+            # a queued job whose message never went out; the other uploads of the batch keep
+            # their 202
+            log.exception("job %s: publishing after its upload failed", result[0].job_id,
+                          extra={"job_id": result[0].job_id, "request_id": upload.request_id})
     return [r if isinstance(r, Exception) else r[0] for r in results]
 
 

@@ -291,3 +291,27 @@ def test_an_upload_when_the_database_connection_died_is_503_then_the_next_succee
         again = c.post("/v1/documents", files={"file": ("b.txt", b"bravo " * 20, "text/plain")})
         assert again.status_code == 202
     assert _rows() == (2, 2)  # alpha and the retried bravo; the refused try left nothing
+
+
+def test_an_upload_whose_publish_fails_after_commit_is_still_accepted(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The recorder publishes after the batch's commit: a publish that raises fails neither
+    that upload (it is recorded; the reconciler republishes a queued job whose message never
+    went out) nor the others of its batch."""
+    from api.routes import documents as route
+
+    def broken_publish(*_args: object, **_kwargs: object) -> bool:
+        raise RuntimeError("broker client bug")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(route, "publish_job", broken_publish)
+        response = client.post("/v1/documents",
+                               files={"file": ("a.txt", b"alpha " * 20, "text/plain")})
+    assert response.status_code == 202
+    with session_scope() as session:
+        job = session.get(Job, response.json()["job_id"])
+        assert job is not None and job.state == "queued" and job.published_at is not None
+    assert "publishing after its upload failed" in caplog.text
+    again = client.post("/v1/documents", files={"file": ("b.txt", b"bravo " * 20, "text/plain")})
+    assert again.status_code == 202  # the recorder thread is still serving
