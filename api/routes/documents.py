@@ -98,11 +98,10 @@ async def upload_document(
     bind_context(job_id=accepted.job_id, document_id=accepted.document_id)  # the request's line
     if accepted.duplicate:
         log.info("upload of %r is a duplicate of document %s", filename, accepted.document_id)
+        response.status_code = 200
     else:
         log.info("document %s (%r, %d bytes) uploaded as job %s", accepted.document_id,
                  filename, size, accepted.job_id)
-    if accepted.duplicate:
-        response.status_code = 200
     response.headers["Location"] = f"/v1/jobs/{accepted.job_id}"
     return accepted
 
