@@ -40,8 +40,9 @@ def is_sqlite(url: str) -> bool:
 PING_AFTER_IDLE_S = 2.0
 """A PostgreSQL connection that waited in the pool longer than this is pinged before it is
 used; one returned more recently is trusted. SQLAlchemy's `pool_pre_ping` pings on every
-checkout: one round trip more for every transaction (a no-op job makes two, of ~13), which
-under load cost Sluice's job path ~25% of its throughput (bench/overhead.py). If the server
+checkout: one round trip more for every transaction (a no-op job makes two, of ~13; 11% of a
+busy worker's samples in py-spy, though the jobs/s change stayed within this machine's noise;
+it matters more where the server is across a network). If the server
 went away within the window, the first statement fails instead: SQLAlchemy sees a disconnect
 and drops every pooled connection, and the task's attempt is retried as
 `database_unavailable`, as when the server goes away mid-transaction."""

@@ -156,29 +156,30 @@ class _Upload:
 def _record_and_publish(uploads: Sequence[_Upload]) -> list[UploadAccepted | Exception]:
     """`_recorder`'s batch: the uploads recorded in one transaction, then, after its commit,
     each new job published, or left held."""
-    results: list[_Recorded | Exception] = []
     try:
         results = _record_uploads(uploads)
-    finally:  # a refused upload's, a duplicate's, or all of a failed batch's
-        for i, upload in enumerate(uploads):
-            if upload.staged is not None and not _is_new(results[i] if results else None):
-                upload.staged.unlink(missing_ok=True)
+    except BaseException:  # nothing recorded: no staged file is kept
+        for upload in uploads:
+            _discard_staged(upload)
+        raise
     for upload, result in zip(uploads, results, strict=True):
-        if not _is_new(result):
+        if isinstance(result, Exception) or result[0].duplicate:  # its staged file not kept
+            _discard_staged(upload)
             continue
+        accepted, room = result
         try:
-            _publish_or_hold(upload, result[0].job_id, result[1])
+            _publish_or_hold(upload, accepted.job_id, room)
         except Exception:  # recorded, so accepted all the same: the reconciler republishes
             # a queued job whose message never went out; the other uploads of the batch keep
             # their 202
-            log.exception("job %s: publishing after its upload failed", result[0].job_id,
-                          extra={"job_id": result[0].job_id, "request_id": upload.request_id})
+            log.exception("job %s: publishing after its upload failed", accepted.job_id,
+                          extra={"job_id": accepted.job_id, "request_id": upload.request_id})
     return [r if isinstance(r, Exception) else r[0] for r in results]
 
 
-def _is_new(result: _Recorded | Exception | None) -> bool:
-    """Whether an upload made a new document (its staged file, if any, was put in place)."""
-    return result is not None and not isinstance(result, Exception) and not result[0].duplicate
+def _discard_staged(upload: _Upload) -> None:
+    if upload.staged is not None:
+        upload.staged.unlink(missing_ok=True)
 
 
 def _publish_or_hold(upload: _Upload, job_id: str, room: fairness.Room | None) -> None:
