@@ -5,10 +5,12 @@ no-op tasks on the same broker, the same Celery configuration and the same worke
                                        [--jobs 2000] [--latency-jobs 300] [--rate 20]
 
 A Sluice no-op job is what a real job is, minus the work: the producer (this process) creates
-its `Job` row through the ledger (`ledger.create_job`, with its first event, marked published)
-and commits, then `tasks.publish.publish` sends it, as the API does; the worker runs it through
-`tasks.runner.run_stage` (claim by compare-and-set, attempt row, event, heartbeat thread) with a
-work function that only records success through the ledger (`ctx.finish` → `ledger.succeed`).
+its `Job` row through the ledger (`ledger.insert_jobs`, with its first event, marked
+published) and commits, then `tasks.publish.publish` sends it, as the API does for a question;
+the worker runs it through `tasks.runner.run_stage` (claim by compare-and-set, attempt row,
+event, heartbeat thread) with a work function that only records success through the ledger
+(`ctx.succeed`, as the answer stage ends; on PostgreSQL the claim and the success are one
+statement each, see `models.ledger.claim_at_once`).
 To run that unchanged code, this module registers a stage `noop` in `tasks.names`' tables
 (task `sluice.bench.noop` on queue `answer`), in this process and in the worker, which imports
 this file as its Celery app module (`celery -A overhead`, the project's `workers.app.app` with
@@ -75,7 +77,7 @@ def sluice_noop(self: Task, job_id: str) -> str:
 
 
 def _no_work(ctx: StageContext) -> Handoff:
-    return ctx.finish(lambda session: ledger.succeed(session, ctx.claim, result=None))
+    return ctx.succeed(None)
 
 
 _record_file: Any = None
@@ -233,10 +235,12 @@ def run_setup(setup: str, *, env: dict[str, str], work: Path, args: Any,
             sent = []
             for _ in range(n):
                 t0 = time.time()
+                job = ledger.NewJob(workspace_id=WORKSPACE, kind=JobKind.ANSWER,
+                                    stage=NOOP_STAGE,  # type: ignore[arg-type]
+                                    request_id=None, published=True)
                 with session_scope() as session:
-                    job_id = ledger.create_job(session, workspace_id=WORKSPACE, kind=JobKind.ANSWER,
-                                               stage=NOOP_STAGE,  # type: ignore[arg-type]
-                                               published=True).id
+                    ledger.insert_jobs(session, [job])
+                job_id = job.id
                 _publish(job_id)
                 sent.append((job_id, t0))
                 _pace(rate, len(sent), sent[0][1])

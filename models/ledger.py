@@ -32,9 +32,22 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from functools import cache
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, or_, select, update
+from sqlalchemy import (
+    JSON,
+    Connection,
+    Select,
+    bindparam,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
 from models import documents
@@ -71,9 +84,10 @@ class Claim:
     parent_known: bool = field(default=False, compare=False)
     """`parent_id` was read with the claim (None: not a part), so the claim's transitions
     need not read it again; a claim made elsewhere leaves it unknown."""
-    job: Job | None = field(default=None, compare=False, repr=False)
-    """The job's row as `start` claimed it (its state as before the claim if it took over),
-    for the worker to read the job's own fields without another query."""
+    job: Any = field(default=None, compare=False, repr=False)
+    """The job's row as `start` claimed it (its state as before the claim if it took over;
+    from `claim_at_once`, its `_CLAIMED_COLUMNS`), for the worker to read the job's own
+    fields without another query."""
 
 
 def create_job(
@@ -108,7 +122,7 @@ def create_job(
 
 @dataclass(frozen=True, slots=True)
 class NewJob:
-    """A job for `insert_jobs`: `create_job`'s arguments that an upload's job uses."""
+    """A job for `insert_jobs`: `create_job`'s arguments but a part's."""
 
     workspace_id: str
     kind: JobKind
@@ -116,22 +130,27 @@ class NewJob:
     request_id: str | None
     """As given (in a batch the log context is another request's)."""
     document_id: str | None = None
+    payload: dict[str, Any] | None = None
     held: bool = False
     published: bool = False
     id: str = field(default_factory=new_id)
 
 
 def insert_jobs(session: Session, jobs: Sequence[NewJob]) -> None:
-    """`create_job` for callers that need no Job objects (uploads, recorded in batches): the
-    same rows and first events, written by two prebuilt Core inserts (one
-    `executemany` each) instead of an ORM flush and an INSERT ... SELECT per job, which cost
-    an upload more CPU than the rest of its transaction."""
+    """`create_job` for callers that need no Job objects (uploads, recorded in batches; a
+    question): the same rows and first events, written by prebuilt Core inserts (one
+    `executemany` for every job) instead of an ORM flush and an INSERT ... SELECT per job,
+    which cost an upload more CPU than the rest of its transaction. On PostgreSQL a job and
+    its event are one statement (a CTE), one round trip less."""
     if not jobs:
         return
     rows = [_new_job(job_id=j.id, workspace_id=j.workspace_id, kind=j.kind, stage=j.stage,
-                     document_id=j.document_id, request_id=j.request_id, held=j.held,
-                     published=j.published)
+                     document_id=j.document_id, payload=j.payload, request_id=j.request_id,
+                     held=j.held, published=j.published)
             for j in jobs]
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(_insert_job_and_event(), rows)
+        return
     session.execute(_INSERT_JOB, rows)
     session.execute(_INSERT_EVENT, [  # what _APPEND_EVENT copies from a job's row
         {"job_id": r["id"], "created_at": r["created_at"],
@@ -725,3 +744,165 @@ def _close_attempt(session: Session, job: Job, *, outcome: str, code: str, messa
 def _aware(value: datetime) -> datetime:
     # SQLite returns naive datetimes; everything we store is UTC.
     return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+# --- The two transitions every job makes, for less CPU and fewer round trips --------------------
+# `start` and `succeed` run through a Session and the ORM, a few statements in a transaction;
+# on PostgreSQL each statement is a round trip, and BEGIN and COMMIT two more. A no-op job's
+# claim and success made eleven, and with the ORM's work per statement they were most of a
+# worker's CPU per job. Their common cases are also written here on a Core connection from
+# `sluice.db.transition_scope`: on PostgreSQL as one statement each (data-modifying CTEs: the
+# row's RETURNING feeds its event and its attempt) in autocommit, one round trip, atomic as any
+# statement is; on SQLite, in-process, as the same few statements in a transaction. The rows
+# written are the ones `start` and `succeed` write (tests/tasks/test_ledger.py compares them).
+
+_CLAIMED_COLUMNS = ("id", "workspace_id", "document_id", "kind", "payload", "request_id",
+                    "parent_id", "attempt")
+
+
+def claim_at_once(conn: Connection, *, job_id: str, stage: str, worker: str) -> Claim | None:
+    """`start`'s common case: a queued or retrying job claimed. None when it is not claimable
+    so: call `start` in a transaction, which takes a stale claim over or says no. The claim's
+    `job` is the row's `_CLAIMED_COLUMNS`."""
+    now = utcnow()
+    params = {"of_job": job_id, "of_stage": stage, "by_worker": worker, "now": now}
+    if conn.dialect.name == "postgresql":
+        row = conn.execute(_claim_at_once(), params).first()
+    else:
+        row = conn.execute(_claim_core(), params).first()
+        if row is not None:
+            conn.execute(_APPEND_EVENT, {"job_id": job_id, "created_at": now})
+            conn.execute(_BEGIN_ATTEMPT, {"job_id": job_id, "workspace_id": row.workspace_id,
+                                          "stage": stage, "attempt": row.attempt,
+                                          "worker": worker, "started_at": now})
+    if row is None:
+        return None
+    return Claim(job_id=row.id, stage=stage, attempt=row.attempt, parent_id=row.parent_id,
+                 parent_known=True, job=row)
+
+
+def succeed_at_once(
+    conn: Connection, claim: Claim, *, result: dict[str, Any] | None, workspace_id: str,
+    held_kinds: Sequence[str],
+) -> tuple[bool, bool]:
+    """`succeed` for a claim that is not a part's, and whether jobs of `held_kinds` are held
+    in its workspace (`fairness.has_held`, read after the change, in the same statement on
+    PostgreSQL): (succeeded, held). Not succeeded: the claim was no longer held."""
+    if not claim.parent_known or claim.parent_id is not None:
+        raise ValueError(f"job {claim.job_id}: a part's success is counted on its parent")
+    params = {"of_job": claim.job_id, "of_stage": claim.stage, "of_attempt": claim.attempt,
+              "result": result, "now": utcnow(), "of_workspace": workspace_id}
+    kinds = tuple(held_kinds)
+    if conn.dialect.name == "postgresql":
+        ok, held = conn.execute(_succeed_at_once(kinds), params).one()
+        return bool(ok), bool(held)
+    ok = bool(conn.execute(_succeed_core(), params).rowcount)  # type: ignore[attr-defined]
+    if ok:
+        conn.execute(_APPEND_EVENT, {"job_id": claim.job_id, "created_at": params["now"]})
+        conn.execute(_END_ATTEMPT, {"of_job": claim.job_id, "of_stage": claim.stage,
+                                    "of_attempt": claim.attempt, "ended": params["now"],
+                                    "outcome": "succeeded", "code": None, "message": None,
+                                    "traceback": None})
+    return ok, bool(conn.scalar(_held_in(kinds), params))
+
+
+def _event_of(changed: Any) -> Any:
+    """The event `_append_event` writes, for each row the CTE `changed` returned."""
+    return insert(_jobs_events).from_select(
+        ["job_id", *_EVENT_COLUMNS, "created_at"],
+        select(changed.c.id, *(changed.c[c] for c in _EVENT_COLUMNS), _NOW))
+
+
+@cache
+def _claim_core() -> Any:
+    """`_CLAIM` as a Core statement, returning the claim's columns (and whatever the event
+    copies)."""
+    jobs = _jobs
+    return (
+        update(jobs)
+        .where(jobs.c.id == bindparam("of_job"), jobs.c.stage == bindparam("of_stage"),
+               jobs.c.state.in_(STARTABLE), jobs.c.cancel_requested.is_(False),
+               jobs.c.held.is_(False))
+        .values(state=JobState.RUNNING, attempt=jobs.c.attempt + 1,
+                attempts_total=jobs.c.attempts_total + 1, worker=bindparam("by_worker"),
+                started_at=func.coalesce(jobs.c.started_at, _NOW), heartbeat_at=_NOW,
+                retry_at=None, updated_at=_NOW)
+        .returning(*{c: jobs.c[c] for c in (*_CLAIMED_COLUMNS, *_EVENT_COLUMNS)}.values())
+    )
+
+
+@cache
+def _claim_at_once() -> Select[Any]:
+    claimed = _claim_core().cte("claimed")
+    attempt = insert(_attempts).from_select(
+        ["job_id", "workspace_id", "stage", "attempt", "worker", "started_at"],
+        select(claimed.c.id, claimed.c.workspace_id, claimed.c.stage, claimed.c.attempt,
+               bindparam("by_worker"), _NOW))
+    return (select(*(claimed.c[c] for c in _CLAIMED_COLUMNS))
+            .add_cte(_event_of(claimed).cte("claim_event"), attempt.cte("claim_attempt")))
+
+
+@cache
+def _succeed_core() -> Any:
+    """`succeed`'s compare-and-set as a Core statement, returning what the event copies."""
+    jobs = _jobs
+    return (
+        update(jobs)
+        .where(jobs.c.id == bindparam("of_job"), jobs.c.state == JobState.RUNNING,
+               jobs.c.stage == bindparam("of_stage"), jobs.c.attempt == bindparam("of_attempt"))
+        .values(state=JobState.SUCCEEDED,
+                result=bindparam("result", type_=_RESULT_TYPE),
+                finished_at=_NOW, progress=1.0, error_code=None, error_message=None,
+                updated_at=_NOW)
+    )
+
+
+@cache
+def _held_in(kinds: tuple[str, ...]) -> Any:
+    """`fairness.has_held`'s test for the jobs of `kinds`."""
+    jobs = _jobs
+    return select(exists().where(
+        jobs.c.workspace_id == bindparam("of_workspace"), jobs.c.state == JobState.QUEUED,
+        jobs.c.held.is_(True), jobs.c.kind.in_(kinds)))
+
+
+@cache
+def _succeed_at_once(held_kinds: tuple[str, ...]) -> Select[Any]:
+    jobs = _jobs
+    succeeded = (_succeed_core()
+                 .returning(jobs.c.id, *(jobs.c[c] for c in _EVENT_COLUMNS))
+                 .cte("succeeded"))
+    ended = (
+        update(_attempts)
+        .where(_attempts.c.job_id.in_(select(succeeded.c.id)),
+               _attempts.c.stage == bindparam("of_stage"),
+               _attempts.c.attempt == bindparam("of_attempt"), _attempts.c.ended_at.is_(None))
+        .values(ended_at=_NOW, outcome="succeeded", error_code=None, error_message=None,
+                traceback=None)
+    )
+    # The held jobs as the statement began: it changes none of them.
+    return (select(exists(select(succeeded.c.id)), _held_in(held_kinds).scalar_subquery())
+            .add_cte(_event_of(succeeded).cte("success_event"), ended.cte("success_attempt")))
+
+
+@cache
+def _insert_job_and_event() -> Any:
+    """`_INSERT_JOB` and `_INSERT_EVENT` in one statement, for the columns `_new_job` sets (and
+    the table's Python-side defaults, which a CTE's insert does not apply)."""
+    columns = ("id", "workspace_id", "kind", "stage", "document_id", "payload", "request_id",
+               "parent_id", "state", "progress", "held", "published_at", "created_at",
+               "updated_at")
+    new = (insert(_jobs)
+           .values({**{c: bindparam(c, type_=_jobs.c[c].type) for c in columns},
+                    "attempt": 0, "attempts_total": 0, "cancel_requested": False})
+           .returning(*(_jobs.c[c] for c in ("id", *_EVENT_COLUMNS, "created_at")))
+           .cte("new_job"))
+    return insert(_jobs_events).from_select(
+        ["job_id", *_EVENT_COLUMNS, "created_at"],
+        select(new.c.id, *(new.c[c] for c in _EVENT_COLUMNS), new.c.created_at))
+
+
+_jobs = Job.__table__
+_jobs_events = JobEvent.__table__
+# None is SQL NULL, as `succeed`'s ORM update writes it (a JSON type's bind writes JSON null)
+_RESULT_TYPE = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")

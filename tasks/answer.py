@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from celery import Task
-from sqlalchemy.orm import Session
 
-from models import Stage, ledger
+from models import Stage
 from sluice.db import session_scope
 from sluice.retrieve import hybrid_search
 from sluice.settings import get_settings
@@ -36,9 +35,4 @@ def _answer(ctx: StageContext) -> Handoff:
         )
     ctx.checkpoint(progress=0.5)
     answer = resources.generator().generate(question, passages)
-    result = asdict(answer)
-
-    def persist(session: Session) -> bool:
-        return ledger.succeed(session, ctx.claim, result=result)
-
-    return ctx.finish(persist)
+    return ctx.succeed(asdict(answer))

@@ -26,7 +26,7 @@ from api.state import dispatch_held, publish_job, query_encoder
 from models import Job, JobKind, Stage, fairness, ledger, quotas
 from models.entities import FINAL_STATES
 from sluice.db import read_scope, session_scope
-from sluice.logs import bind_context
+from sluice.logs import bind_context, current_request_id
 from sluice.retrieve import hybrid_search
 from sluice.settings import get_settings
 
@@ -99,10 +99,11 @@ def _create_answer_job(workspace: str, body: AnswerRequest) -> tuple[str, fairne
                          retry_after_s=settings.quota_retry_after_s)
         room = fairness.admit(session, workspace_id=workspace, lane=fairness.ANSWER)
         admitted = room.admits(settings.workspace_answer_inflight_cap)
-        job = ledger.create_job(session, workspace_id=workspace, kind=JobKind.ANSWER,
-                                stage=Stage.ANSWER,
-                                payload={"question": body.question, "top_k": body.top_k},
-                                held=not admitted, published=admitted)
+        job = ledger.NewJob(workspace_id=workspace, kind=JobKind.ANSWER, stage=Stage.ANSWER,
+                            request_id=current_request_id(),
+                            payload={"question": body.question, "top_k": body.top_k},
+                            held=not admitted, published=admitted)
+        ledger.insert_jobs(session, [job])
         return job.id, room
 
 
