@@ -6,6 +6,8 @@ shares its parent's connections.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -23,12 +25,62 @@ _sessionmaker: sessionmaker[Session] | None = None
 _read_sessionmaker: sessionmaker[Session] | None = None
 _autocommit: Engine | None = None
 _serialise_writers = False
-_sqlite_writer = threading.RLock()
-"""SQLite: the threads of one process take turns at the write lock here. SQLite lets one
-writer in at a time anyway, but a thread that finds the lock taken sleeps in SQLite's busy
-handler (1, 2, 5 ... 100 ms steps) and only then looks again, so under contention the lock
-stays free while waiters sleep; here the next thread is woken the moment it is released.
-(Re-entrant: a nested transaction in the same thread behaves as it did without it.)"""
+
+
+class _WriterTurn:
+    """SQLite: writers take turns here before SQLite's write lock. SQLite lets one writer in at
+    a time anyway, but a writer that finds its lock taken sleeps in SQLite's busy handler (1,
+    2, 5 ... 100 ms steps) and only then looks again, so under contention the lock stays free
+    while waiters sleep; here the next writer is woken the moment it is released: the threads
+    of a process by a lock, the processes (the API, each worker, beat) by an `flock` on a file
+    beside the database, which the kernel hands to the next waiter at once (and frees when its
+    holder dies). Re-entrant: a nested transaction in the same thread behaves as it did
+    without it. A process opens its own lock file after a fork (a shared open file would be
+    one lock holder for both)."""
+
+    def __init__(self) -> None:
+        self._threads = threading.RLock()
+        self._depth = 0
+        self._path: str | None = None
+        self._fd: int | None = None
+        self._pid = 0
+
+    def use(self, database: str | None) -> None:
+        """Serialise writers to the SQLite file `database` (None or in-memory: threads only)."""
+        with self._threads:
+            self._close()
+            self._path = f"{database}.writers" if database and database != ":memory:" else None
+
+    def _close(self) -> None:
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> None:
+        self._threads.acquire()
+        self._depth += 1
+        if self._depth > 1 or self._path is None:
+            return
+        try:
+            if self._fd is None or self._pid != os.getpid():
+                self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+                self._pid = os.getpid()
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._depth -= 1
+            self._threads.release()
+            raise
+
+    def __exit__(self, *_exc: object) -> None:
+        self._depth -= 1
+        try:
+            if self._depth == 0 and self._fd is not None and self._pid == os.getpid():
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._threads.release()
+
+
+_sqlite_writer = _WriterTurn()
 
 
 SQLITE_POOL_SIZE = 40
@@ -123,6 +175,8 @@ def get_engine() -> Engine:
         if is_sqlite(url):
             settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
         _engine = make_engine(url)
+        if _serialise_writers:
+            _sqlite_writer.use(_engine.url.database)
         _sessionmaker = sessionmaker(_engine, expire_on_commit=False)
         _read_sessionmaker = sessionmaker(
             _engine.execution_options(sqlite_begin="DEFERRED"), expire_on_commit=False
