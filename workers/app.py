@@ -6,9 +6,10 @@ from celery import Celery
 
 import celeryconfig
 from sluice.settings import get_settings
-from workers import fsbroker
+from workers import fsbroker, redisbroker
 
 fsbroker.install()  # `filesystem://` (the embedded broker) writes each message atomically
+redisbroker.install()  # a worker whose Redis connection breaks reconnects instead of dying
 app = Celery("sluice", include=["tasks.ingest", "tasks.answer", "tasks.maintenance"])
 app.config_from_object("celeryconfig")
 
