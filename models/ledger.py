@@ -191,7 +191,7 @@ def _cas(
     return changed
 
 
-def _append_event(session: Session, job_id: str) -> None:
+def _append_event(session: Session | Connection, job_id: str) -> None:
     session.execute(_APPEND_EVENT, {"job_id": job_id, "created_at": utcnow()})
 
 
@@ -252,31 +252,24 @@ def start(
     heartbeat older than `stale_before` (its worker died; this delivery takes over).
 
     The common case, a queued or retrying job, is claimed by one compare-and-set that returns
-    the row (into the session: `session.get(Job, job_id)` reads it without a query); anything
-    else reads the row locked first."""
+    the row (`_claim`); anything else reads the row locked first."""
+    return _claim(session, job_id=job_id, stage=stage, worker=worker) or _start_locked(
+        session, job_id=job_id, stage=stage, worker=worker, stale_before=stale_before)
+
+
+def _claim(executor: Session | Connection, *, job_id: str, stage: str, worker: str,
+           ) -> Claim | None:
+    """The common case of `start` (and of `claim_at_once` on SQLite): claim, event, attempt."""
     now = utcnow()
-    job = session.scalars(_CLAIM, {"of_job": job_id, "of_stage": stage, "by_worker": worker,
-                                   "now": now}).first()
-    if job is not None:
-        _append_event(session, job_id)
-        return _begin_attempt(session, job, stage=stage, worker=worker, now=now)
-    return _start_locked(session, job_id=job_id, stage=stage, worker=worker,
-                         stale_before=stale_before)
+    row = executor.execute(_claim_core(), {"of_job": job_id, "of_stage": stage,
+                                           "by_worker": worker, "now": now}).first()
+    if row is None:
+        return None
+    _append_event(executor, job_id)
+    return _begin_attempt(executor, row, stage=stage, worker=worker, now=now)
 
 
 _NOW = bindparam("now", type_=Job.__table__.c.updated_at.type)
-# Built once, as _APPEND_EVENT: every delivery runs it.
-_CLAIM = (
-    update(Job)
-    .where(Job.id == bindparam("of_job"), Job.stage == bindparam("of_stage"),
-           Job.state.in_(STARTABLE), Job.cancel_requested.is_(False), Job.held.is_(False))
-    .values(state=JobState.RUNNING, attempt=Job.attempt + 1,
-            attempts_total=Job.attempts_total + 1, worker=bindparam("by_worker"),
-            started_at=func.coalesce(Job.started_at, _NOW), heartbeat_at=_NOW,
-            retry_at=None, updated_at=_NOW)
-    .returning(Job)
-    .execution_options(populate_existing=True)
-)
 
 
 def _start_locked(
@@ -314,8 +307,8 @@ def _start_locked(
     return _begin_attempt(session, job, stage=stage, worker=worker, now=now, attempt=attempt)
 
 
-def _begin_attempt(session: Session, job: Job, *, stage: str, worker: str, now: datetime,
-                   attempt: int | None = None) -> Claim:
+def _begin_attempt(session: Session | Connection, job: Any, *, stage: str, worker: str,
+                   now: datetime, attempt: int | None = None) -> Claim:
     attempt = job.attempt if attempt is None else attempt
     session.execute(_BEGIN_ATTEMPT, {"job_id": job.id, "workspace_id": job.workspace_id,
                                      "stage": stage, "attempt": attempt, "worker": worker,
@@ -358,15 +351,19 @@ def succeed(session: Session, claim: Claim, *, result: dict[str, Any] | None = N
     parent = _lock_claim_parent(session, claim)
     if parent is not None:
         return _succeed_part(session, claim, parent, result) is not None
-    ok = _cas(
-        session,
-        claim.job_id,
-        _held(claim),
-        {"state": JobState.SUCCEEDED, "result": result, "finished_at": utcnow(),
-         "progress": 1.0, "error_code": None, "error_message": None},
-    )
+    return _succeed(session, claim, result=result)
+
+
+def _succeed(executor: Session | Connection, claim: Claim, *, result: dict[str, Any] | None,
+             ) -> bool:
+    """`succeed` for a job that is not a part (and `succeed_at_once` on SQLite)."""
+    now = utcnow()
+    ok = bool(executor.execute(_succeed_core(), {  # type: ignore[attr-defined]
+        "of_job": claim.job_id, "of_stage": claim.stage, "of_attempt": claim.attempt,
+        "result": result, "now": now}).rowcount)
     if ok:
-        _end_attempt(session, claim, outcome="succeeded")
+        _append_event(executor, claim.job_id)
+        _end_attempt(executor, claim, outcome="succeeded")
     return ok
 
 
@@ -709,7 +706,7 @@ def stale_running(session: Session, *, stale_before: datetime, limit: int = 500)
 
 
 def _end_attempt(
-    session: Session,
+    session: Session | Connection,
     claim: Claim,
     *,
     outcome: str,
@@ -764,17 +761,10 @@ def claim_at_once(conn: Connection, *, job_id: str, stage: str, worker: str) -> 
     """`start`'s common case: a queued or retrying job claimed. None when it is not claimable
     so: call `start` in a transaction, which takes a stale claim over or says no. The claim's
     `job` is the row's `_CLAIMED_COLUMNS`."""
-    now = utcnow()
-    params = {"of_job": job_id, "of_stage": stage, "by_worker": worker, "now": now}
-    if conn.dialect.name == "postgresql":
-        row = conn.execute(_claim_at_once(), params).first()
-    else:
-        row = conn.execute(_claim_core(), params).first()
-        if row is not None:
-            conn.execute(_APPEND_EVENT, {"job_id": job_id, "created_at": now})
-            conn.execute(_BEGIN_ATTEMPT, {"job_id": job_id, "workspace_id": row.workspace_id,
-                                          "stage": stage, "attempt": row.attempt,
-                                          "worker": worker, "started_at": now})
+    if conn.dialect.name != "postgresql":
+        return _claim(conn, job_id=job_id, stage=stage, worker=worker)
+    row = conn.execute(_claim_at_once(), {"of_job": job_id, "of_stage": stage,
+                                          "by_worker": worker, "now": utcnow()}).first()
     if row is None:
         return None
     return Claim(job_id=row.id, stage=stage, attempt=row.attempt, parent_id=row.parent_id,
@@ -790,20 +780,14 @@ def succeed_at_once(
     PostgreSQL): (succeeded, held). Not succeeded: the claim was no longer held."""
     if not claim.parent_known or claim.parent_id is not None:
         raise ValueError(f"job {claim.job_id}: a part's success is counted on its parent")
-    params = {"of_job": claim.job_id, "of_stage": claim.stage, "of_attempt": claim.attempt,
-              "result": result, "now": utcnow(), "of_workspace": workspace_id}
     kinds = tuple(held_kinds)
-    if conn.dialect.name == "postgresql":
-        ok, held = conn.execute(_succeed_at_once(kinds), params).one()
-        return bool(ok), bool(held)
-    ok = bool(conn.execute(_succeed_core(), params).rowcount)  # type: ignore[attr-defined]
-    if ok:
-        conn.execute(_APPEND_EVENT, {"job_id": claim.job_id, "created_at": params["now"]})
-        conn.execute(_END_ATTEMPT, {"of_job": claim.job_id, "of_stage": claim.stage,
-                                    "of_attempt": claim.attempt, "ended": params["now"],
-                                    "outcome": "succeeded", "code": None, "message": None,
-                                    "traceback": None})
-    return ok, bool(conn.scalar(_held_in(kinds), params))
+    if conn.dialect.name != "postgresql":
+        ok = _succeed(conn, claim, result=result)
+        return ok, bool(conn.scalar(_held_in(kinds), {"of_workspace": workspace_id}))
+    ok, held = conn.execute(_succeed_at_once(kinds), {
+        "of_job": claim.job_id, "of_stage": claim.stage, "of_attempt": claim.attempt,
+        "result": result, "now": utcnow(), "of_workspace": workspace_id}).one()
+    return bool(ok), bool(held)
 
 
 def _event_of(changed: Any) -> Any:
@@ -815,8 +799,8 @@ def _event_of(changed: Any) -> Any:
 
 @cache
 def _claim_core() -> Any:
-    """`_CLAIM` as a Core statement, returning the claim's columns (and whatever the event
-    copies)."""
+    """The claim's compare-and-set, returning the claim's columns (and what the event copies).
+    Built once: every delivery runs it."""
     jobs = _jobs
     return (
         update(jobs)
@@ -844,7 +828,7 @@ def _claim_at_once() -> Select[Any]:
 
 @cache
 def _succeed_core() -> Any:
-    """`succeed`'s compare-and-set as a Core statement, returning what the event copies."""
+    """The success's compare-and-set (Core: with a parameter dict, an ORM update is a bulk one)."""
     jobs = _jobs
     return (
         update(jobs)
