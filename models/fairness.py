@@ -89,15 +89,17 @@ def _room_statement(kinds: tuple[str, ...]) -> Select[tuple[int, bool]]:
 # Built once (every upload runs it under its workspace's lock; building a statement and its
 # cache key costs more CPU than running it).
 _ROOM: Final = {lane: _room_statement(kinds) for lane, kinds in LANES.items()}
-# (and after every job that ends)
-_HAS_HELD: Final = {lane: select(exists().where(
-    Job.workspace_id == bindparam("workspace_id"), Job.state == JobState.QUEUED,
+# (and after every job that ends; the parameter is not named after a column, so the statement
+# can join a transition's UPDATE, see `ledger.succeed_at_once`)
+HAS_HELD: Final = {lane: select(exists().where(
+    Job.workspace_id == bindparam("of_workspace"), Job.state == JobState.QUEUED,
     Job.held == true(), Job.kind.in_(kinds))) for lane, kinds in LANES.items()}
+"""Per lane: whether any job of the lane is held in the workspace `of_workspace`."""
 
 
 def has_held(session: Session, *, workspace_id: str, lane: str) -> bool:
     """Whether any job of the lane waits: the cheap test before a dispatch's write."""
-    return bool(session.scalar(_HAS_HELD[lane], {"workspace_id": workspace_id}))
+    return bool(session.scalar(HAS_HELD[lane], {"of_workspace": workspace_id}))
 
 
 def admit(session: Session, *, workspace_id: str, lane: str) -> Room:

@@ -4,6 +4,8 @@ Every transition is a compare-and-set `UPDATE ... WHERE state = ... AND attempt 
 duplicate or late delivery cannot run a finished stage again or move a job backwards. The
 functions take a Session and never commit: the caller composes a transition with the data it
 guards (chunks written + job advanced) in one short transaction, then publishes after commit.
+The two every job makes, `claim_at_once` and `succeed_at_once`, take a Core connection from
+`sluice.db.transition_scope` instead (on PostgreSQL each is one statement, in autocommit).
 
     queued ──start──▶ running ──succeed──▶ succeeded
        ▲                 │  ├──advance──▶ queued (next stage)
@@ -257,8 +259,9 @@ def start(
         session, job_id=job_id, stage=stage, worker=worker, stale_before=stale_before)
 
 
-def _claim(executor: Session | Connection, *, job_id: str, stage: str, worker: str,
-           ) -> Claim | None:
+def _claim(
+    executor: Session | Connection, *, job_id: str, stage: str, worker: str
+) -> Claim | None:
     """The common case of `start` (and of `claim_at_once` on SQLite): claim, event, attempt."""
     now = utcnow()
     row = executor.execute(_claim_core(), {"of_job": job_id, "of_stage": stage,
@@ -354,8 +357,9 @@ def succeed(session: Session, claim: Claim, *, result: dict[str, Any] | None = N
     return _succeed(session, claim, result=result)
 
 
-def _succeed(executor: Session | Connection, claim: Claim, *, result: dict[str, Any] | None,
-             ) -> bool:
+def _succeed(
+    executor: Session | Connection, claim: Claim, *, result: dict[str, Any] | None
+) -> bool:
     """`succeed` for a job that is not a part (and `succeed_at_once` on SQLite)."""
     now = utcnow()
     ok = bool(executor.execute(_succeed_core(), {  # type: ignore[attr-defined]
@@ -773,28 +777,27 @@ def claim_at_once(conn: Connection, *, job_id: str, stage: str, worker: str) -> 
 
 def succeed_at_once(
     conn: Connection, claim: Claim, *, result: dict[str, Any] | None, workspace_id: str,
-    held_kinds: Sequence[str],
+    held: Select[Any],
 ) -> tuple[bool, bool]:
-    """`succeed` for a claim that is not a part's, and whether jobs of `held_kinds` are held
-    in its workspace (`fairness.has_held`, read after the change, in the same statement on
-    PostgreSQL): (succeeded, held). Not succeeded: the claim was no longer held."""
+    """`succeed` for a claim that is not a part's, and `held`, the test of whether jobs wait
+    in its workspace (a `fairness.HAS_HELD` statement, read after the change, in the same
+    statement on PostgreSQL): (succeeded, held). Not succeeded: the claim was no longer held."""
     if not claim.parent_known or claim.parent_id is not None:
         raise ValueError(f"job {claim.job_id}: a part's success is counted on its parent")
-    kinds = tuple(held_kinds)
     if conn.dialect.name != "postgresql":
         ok = _succeed(conn, claim, result=result)
-        return ok, bool(conn.scalar(_held_in(kinds), {"of_workspace": workspace_id}))
-    ok, held = conn.execute(_succeed_at_once(kinds), {
+        return ok, bool(conn.scalar(held, {"of_workspace": workspace_id}))
+    ok, waiting = conn.execute(_succeed_at_once(held), {
         "of_job": claim.job_id, "of_stage": claim.stage, "of_attempt": claim.attempt,
         "result": result, "now": utcnow(), "of_workspace": workspace_id}).one()
-    return bool(ok), bool(held)
+    return bool(ok), bool(waiting)
 
 
-def _event_of(changed: Any) -> Any:
+def _event_of(changed: Any, *, at: Any = _NOW) -> Any:
     """The event `_append_event` writes, for each row the CTE `changed` returned."""
     return insert(_jobs_events).from_select(
         ["job_id", *_EVENT_COLUMNS, "created_at"],
-        select(changed.c.id, *(changed.c[c] for c in _EVENT_COLUMNS), _NOW))
+        select(changed.c.id, *(changed.c[c] for c in _EVENT_COLUMNS), at))
 
 
 @cache
@@ -842,16 +845,7 @@ def _succeed_core() -> Any:
 
 
 @cache
-def _held_in(kinds: tuple[str, ...]) -> Any:
-    """`fairness.has_held`'s test for the jobs of `kinds`."""
-    jobs = _jobs
-    return select(exists().where(
-        jobs.c.workspace_id == bindparam("of_workspace"), jobs.c.state == JobState.QUEUED,
-        jobs.c.held.is_(True), jobs.c.kind.in_(kinds)))
-
-
-@cache
-def _succeed_at_once(held_kinds: tuple[str, ...]) -> Select[Any]:
+def _succeed_at_once(held: Select[Any]) -> Select[Any]:
     jobs = _jobs
     succeeded = (_succeed_core()
                  .returning(jobs.c.id, *(jobs.c[c] for c in _EVENT_COLUMNS))
@@ -865,7 +859,7 @@ def _succeed_at_once(held_kinds: tuple[str, ...]) -> Select[Any]:
                 traceback=None)
     )
     # The held jobs as the statement began: it changes none of them.
-    return (select(exists(select(succeeded.c.id)), _held_in(held_kinds).scalar_subquery())
+    return (select(exists(select(succeeded.c.id)), held.scalar_subquery())
             .add_cte(_event_of(succeeded).cte("success_event"), ended.cte("success_attempt")))
 
 
@@ -881,9 +875,7 @@ def _insert_job_and_event() -> Any:
                     "attempt": 0, "attempts_total": 0, "cancel_requested": False})
            .returning(*(_jobs.c[c] for c in ("id", *_EVENT_COLUMNS, "created_at")))
            .cte("new_job"))
-    return insert(_jobs_events).from_select(
-        ["job_id", *_EVENT_COLUMNS, "created_at"],
-        select(new.c.id, *(new.c[c] for c in _EVENT_COLUMNS), new.c.created_at))
+    return _event_of(new, at=new.c.created_at)
 
 
 _jobs = Job.__table__

@@ -106,7 +106,7 @@ class StageContext:
         with transition_scope() as conn:
             ok, held = ledger.succeed_at_once(
                 conn, claim, result=result, workspace_id=self.workspace_id,
-                held_kinds=fairness.LANES[fairness.lane_of(self.kind)])
+                held=fairness.HAS_HELD[fairness.lane_of(self.kind)])
         if not ok:
             raise ClaimLost(claim.job_id)
         return Handoff(held=held)

@@ -9,6 +9,7 @@ from sqlalchemy import select, update
 
 from models import Job, JobAttempt, JobKind, JobState, Stage, ledger
 from models.entities import utcnow
+from models.fairness import ANSWER, HAS_HELD, INGEST
 from sluice.db import session_scope
 
 
@@ -172,7 +173,7 @@ def test_claim_and_success_at_once_write_what_start_and_succeed_do(
         assert (fast.job.workspace_id, fast.job.kind, fast.job.payload) == (
             "ws", JobKind.ANSWER, {"question": "q"})
         assert ledger.succeed_at_once(conn, fast, result=None, workspace_id="ws",
-                                      held_kinds=[JobKind.ANSWER]) == (True, False)
+                                      held=HAS_HELD[ANSWER]) == (True, False)
     assert _rows(at_once) == _rows(by_transactions)
     with session_scope() as session:  # None is SQL NULL, as the ORM update writes it
         assert session.scalar(select(Job.id).where(Job.id == at_once, Job.result.is_(None)))
@@ -191,10 +192,10 @@ def test_claim_and_success_at_once_refuse_what_start_and_succeed_refuse(
         assert ledger.claim_at_once(conn, job_id=job_id, stage=Stage.ANSWER, worker="w2") is None
         assert ledger.claim_at_once(conn, job_id=job_id, stage=Stage.PARSE, worker="w2") is None
         assert ledger.succeed_at_once(conn, claim, result={"ok": 1}, workspace_id="ws",
-                                      held_kinds=["answer"])[0]
+                                      held=HAS_HELD[ANSWER])[0]
         # a late duplicate of the success, then of the delivery
         assert ledger.succeed_at_once(conn, claim, result={"ok": 2}, workspace_id="ws",
-                                      held_kinds=["answer"]) == (False, False)
+                                      held=HAS_HELD[ANSWER]) == (False, False)
         assert ledger.claim_at_once(conn, job_id=job_id, stage=Stage.ANSWER, worker="w3") is None
     row, events, attempts = _rows(job_id)
     assert (row["state"], row["result"], row["attempts_total"]) == (
@@ -226,14 +227,14 @@ def test_success_at_once_reads_held_jobs_of_its_lane_and_workspace(
         assert all(claims)
         # an ANSWER job is held in this workspace: seen in its own lane, not in another
         assert ledger.succeed_at_once(conn, claims[0], result=None, workspace_id="ws",
-                                      held_kinds=[JobKind.INGEST]) == (True, False)
+                                      held=HAS_HELD[INGEST]) == (True, False)
         assert ledger.succeed_at_once(conn, claims[1], result=None, workspace_id="ws",
-                                      held_kinds=[JobKind.ANSWER]) == (True, True)
+                                      held=HAS_HELD[ANSWER]) == (True, True)
     part = ledger.Claim(job_id=first, stage=Stage.ANSWER, attempt=1, parent_id="p",
                         parent_known=True)
     with transition_scope() as conn, pytest.raises(ValueError, match="part"):
         ledger.succeed_at_once(conn, part, result=None, workspace_id="ws",
-                               held_kinds=[JobKind.ANSWER])
+                               held=HAS_HELD[ANSWER])
 
 
 def test_a_job_that_only_succeeds_costs_the_runner_two_statements_on_postgres(
